@@ -1,0 +1,3 @@
+from meddino.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""The run folder and progress reporting.
+
+A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per logged
+step), TensorBoard events when tensorboard is installed, and whatever the task writes (checkpoints/,
+predictions/, results.json). Files that must never be half-written go through :func:`atomic_write`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[Any]:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``: all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_path(path: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """Like :func:`atomic_write` for writers that want a file name (torch.save, safetensors, savefig)."""
+
+    @contextlib.contextmanager
+    def _ctx() -> Iterator[Path]:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    return _ctx()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_write(path, "w") as fh:
+        json.dump(obj, fh, indent=2, default=_json_default)
+        fh.write("\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class RunDir:
+    """A run's output folder: resolved config, metrics.jsonl, optional TensorBoard."""
+
+    def __init__(self, path: str | Path, config: BaseModel | None = None, tensorboard: bool = True):
+        self.path = Path(path).expanduser()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._tb = None
+        if config is not None:
+            from meddino.config import to_yaml
+
+            with atomic_write(self.path / "config.yaml", "w") as fh:
+                fh.write(to_yaml(config))
+        if tensorboard and _is_main_process():
+            with contextlib.suppress(ImportError):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.path / "tensorboard"))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def log(self, step: int, **values: Any) -> None:
+        """Append one JSON line ``{"step": step, **values}`` (rank 0 only) and mirror scalars to TB."""
+        if not _is_main_process():
+            return
+        row = {"step": int(step), "time": round(time.time(), 3)}
+        row.update({k: _scalar(v) for k, v in values.items()})
+        with open(self.path / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row, default=_json_default) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _scalar(v: Any) -> Any:
+    if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
+        return v.item()
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl (a half-written last line from a killed run is ignored)."""
+    rows = []
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    if not p.exists():
+        return rows
+    for line in p.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class Progress:
+    """A progress bar with rate and ETA: rich on a TTY, a plain line every ``interval`` s otherwise.
+
+    Usage: ``with Progress(total, "pretrain", unit="img") as bar: bar.advance(n, loss=0.3)``.
+    Quiet on ranks other than 0 and with ``MEDDINO_QUIET=1``.
+    """
+
+    def __init__(self, total: int | None, description: str, unit: str = "it", interval: float = 60.0):
+        self.total = total
+        self.description = description
+        self.unit = unit
+        self.interval = interval
+        self.done = 0
+        self.postfix: dict[str, Any] = {}
+        self._quiet = not _is_main_process() or os.environ.get("MEDDINO_QUIET") == "1"
+        self._tty = sys.stderr.isatty() and not self._quiet
+        self._rich: Any = None
+        self._task: Any = None
+        self._start = time.perf_counter()
+        self._last_line = self._start
+
+    def __enter__(self) -> Progress:
+        if self._tty:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress as RichProgress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._rich = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[postfix]}"),
+                transient=False,
+            )
+            self._rich.start()
+            self._task = self._rich.add_task(self.description, total=self.total, rate="", postfix="")
+        return self
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self._start
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def advance(self, n: int = 1, **postfix: Any) -> None:
+        self.done += n
+        self.postfix.update(postfix)
+        if self._quiet:
+            return
+        text = " ".join(f"{k}={_fmt(v)}" for k, v in self.postfix.items())
+        rate = f"{self.rate():.1f} {self.unit}/s"
+        if self._rich is not None:
+            self._rich.update(self._task, advance=n, rate=rate, postfix=text)
+            return
+        now = time.perf_counter()
+        if now - self._last_line >= self.interval:
+            self._last_line = now
+            eta = ""
+            if self.total and self.rate() > 0:
+                eta = f" eta {_hms((self.total - self.done) / self.rate())}"
+            of = f"/{self.total}" if self.total else ""
+            print(f"{self.description}: {self.done}{of} {rate}{eta} {text}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+
+
+def track(items: Iterable[T], description: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """Iterate with a :class:`Progress` bar, one step per item."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with Progress(total, description, unit) as bar:
+        for item in items:
+            yield item
+            bar.advance(1)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
