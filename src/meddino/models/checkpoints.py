@@ -148,7 +148,8 @@ def unwrap_state_dict(obj: Any, path: Path, key: str | None = None) -> dict[str,
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
     """'hf' | 'official_v3' | 'timm_eva' | 'official_v2' | 'timm_vit' from the key names."""
     keys = state.keys()
-    if any(k.startswith(("embeddings.", "encoder.layer.", "layer.0.")) for k in keys):
+    hf_starts = ("embeddings.", "encoder.layer.", "layer.0.", "model.layer.0.")
+    if any(k.startswith(hf_starts) or k.split(".", 1)[-1].startswith(hf_starts) for k in keys):
         return "hf"
     if "storage_tokens" in state or any(k.endswith((".bias_mask", "rope_embed.periods")) for k in keys):
         return "official_v3"
@@ -372,7 +373,7 @@ def load_backbone(
 
             state, hints = hf_state_to_timm(state, None)
     state = dict(state)
-    ignored = _pop_ignored(state)
+    ignored = list(hints.get("ignored", [])) + _pop_ignored(state)
     swiglu = False
     if layout == "official_v2":
         state, swiglu = official_v2_to_timm(state)

@@ -41,12 +41,17 @@ def build_backbone(arch: str, img_size: int | None = None, drop_path_rate: float
 def build_from_timm(timm_name: str, version: str, kwargs: dict[str, Any], drop_path_rate: float = 0.0) -> Backbone:
     """``timm.create_model`` with meddino's defaults, wrapped in :class:`Backbone`."""
     kwargs = {k: v for k, v in kwargs.items() if k not in _VIT_DEFAULTS}
+    timm_kwargs = {k: v for k, v in kwargs.items() if k != "norm_eps"}
     try:
         vit = timm.create_model(
-            timm_name, pretrained=False, drop_path_rate=drop_path_rate, **_VIT_DEFAULTS, **kwargs
+            timm_name, pretrained=False, drop_path_rate=drop_path_rate, **_VIT_DEFAULTS, **timm_kwargs
         )
     except (TypeError, ValueError, AssertionError) as exc:
         raise ConfigError(f"cannot build {timm_name} with {kwargs}: {exc}") from None
+    if "norm_eps" in kwargs:  # LayerNorm eps is not a timm option: set it on every LayerNorm
+        for module in vit.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.eps = float(kwargs["norm_eps"])
     arch = {"timm_name": timm_name, "version": version, "kwargs": _jsonable(kwargs)}
     return Backbone(vit, version, arch)
 

@@ -1,0 +1,89 @@
+"""Config machinery: recipes, _base_ merging, dotted overrides, one-line validation errors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+from pydantic import Field, field_validator
+
+from meddino.config import Schema, deep_merge, load_config, parse_overrides
+from meddino.errors import ConfigError
+
+
+class Optim(Schema):
+    lr: float = 1e-3
+    warmup_iters: int = Field(0, ge=0)
+    scaling: Literal["linear256", "sqrt1024", "none"] = "sqrt1024"
+
+
+class Train(Schema):
+    iterations: int = 10
+    sizes: list[int] = [224, 96]
+
+    @field_validator("sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(s <= 0 for s in v):
+            raise ValueError("crop sizes must be positive")
+        return v
+
+
+class Run(Schema):
+    out: str = "runs/x"
+    optim: Optim = Optim()
+    train: Train = Train()
+
+
+def test_overrides_parse_yaml_scalars_and_nest():
+    assert parse_overrides(["a.b=3", "a.c=1.5", "d=true", "e=[1, 2]", "f=runs/x", "g=random:dinov2_tiny"]) == {
+        "a": {"b": 3, "c": 1.5}, "d": True, "e": [1, 2], "f": "runs/x", "g": "random:dinov2_tiny"
+    }
+    with pytest.raises(ConfigError, match="not of the form"):
+        parse_overrides(["oops"])
+
+
+def test_deep_merge_keeps_siblings():
+    assert deep_merge({"a": {"b": 1, "c": 2}, "d": 1}, {"a": {"b": 5}}) == {"a": {"b": 5, "c": 2}, "d": 1}
+
+
+def test_yaml_recipe_with_base_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("# base recipe\noptim:\n  lr: 0.5\ntrain:\n  iterations: 7\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\ntrain:\n  iterations: 9\n")
+    cfg = load_config(Run, str(tmp_path / "child.yaml"), ["optim.warmup_iters=3"])
+    assert cfg.optim.lr == 0.5 and cfg.train.iterations == 9 and cfg.optim.warmup_iters == 3
+    assert cfg.optim.scaling == "sqrt1024"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.iteratons=5", "unknown key 'train.iteratons' (did you mean 'train.iterations'?)"),
+        ("train.iterations=abc", "key 'train.iterations': "),
+        ("optim.warmup_iters=-1", "key 'optim.warmup_iters': Input should be greater than or equal to 0"),
+        ("optim.scaling=cubic", "key 'optim.scaling'"),
+        ("train.sizes=[224, -1]", "key 'train.sizes': crop sizes must be positive"),
+    ],
+)
+def test_validation_errors_name_the_key_in_one_line(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(Run, None, [override])
+    text = str(info.value)
+    assert message in text and "\n" not in text
+
+
+def test_unknown_recipe_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown recipe 'no_such_recipe'"):
+        load_config(Run, "no_such_recipe")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Run, str(tmp_path / "missing.yaml"))
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Run, str(tmp_path / "bad.yaml"))
+
+
+def test_cli_help_and_recipes(cli):
+    res = cli("--help")
+    assert res.returncode == 0 and "recipes" in res.stdout and "convert" in res.stdout
+    res = cli("recipes")
+    assert res.returncode == 0
