@@ -87,3 +87,13 @@ def test_cli_help_and_recipes(cli):
     assert res.returncode == 0 and "recipes" in res.stdout and "convert" in res.stdout
     res = cli("recipes")
     assert res.returncode == 0
+
+
+def test_help_does_not_import_torch():
+    """`meddino --help` must stay fast: command modules import their layer only when the verb runs."""
+    import subprocess
+    import sys
+
+    code = "import sys; from meddino.cli import build_parser; build_parser(); print(sorted(m for m in ('torch', 'timm', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

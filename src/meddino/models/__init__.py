@@ -1,19 +1,30 @@
-"""Backbones (DINOv1/v2/v3 through timm, CNN baselines) and checkpoint load / convert / export."""
+"""Backbones (DINOv1/v2/v3 through timm, CNN baselines) and checkpoint load / convert / export.
 
-from meddino.models.archs import ALIASES, ArchSpec, resolve_arch
-from meddino.models.backbone import Backbone, CNNBackbone
-from meddino.models.checkpoints import LoadReport, export_backbone, load_backbone
-from meddino.models.factory import build_backbone, resolve_backbone
+Attributes are imported on first use (PEP 562), so the CLI can register its verbs without importing
+torch and timm.
+"""
 
-__all__ = [
-    "ALIASES",
-    "ArchSpec",
-    "Backbone",
-    "CNNBackbone",
-    "LoadReport",
-    "build_backbone",
-    "export_backbone",
-    "load_backbone",
-    "resolve_arch",
-    "resolve_backbone",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ALIASES": "meddino.models.archs",
+    "ArchSpec": "meddino.models.archs",
+    "resolve_arch": "meddino.models.archs",
+    "Backbone": "meddino.models.backbone",
+    "CNNBackbone": "meddino.models.backbone",
+    "LoadReport": "meddino.models.checkpoints",
+    "export_backbone": "meddino.models.checkpoints",
+    "load_backbone": "meddino.models.checkpoints",
+    "build_backbone": "meddino.models.factory",
+    "resolve_backbone": "meddino.models.factory",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'meddino.models' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Feature visualisation: PCA maps of patch features, CLS attention maps, overlays."""
