@@ -7,8 +7,8 @@ official code inserts it before adding position embeddings, and so do we), a dic
 (``prepare_tokens`` / ``run_blocks``) for heads that join their own tokens to the sequence (EoMT).
 The module is the same in training (drop path active in ``train()``) and inference.
 
-Deliberate difference: timm's drop path draws an independent coin per sample; DINOv2 (rate > 0.1) and
-DINOv3 keep a fixed-size random subset of the batch instead. Both have the same expectation.
+Stochastic depth follows each version's rule (see :mod:`meddino.models.droppath`): DINOv1 linear over blocks
+with a per-sample coin, DINOv2/v3 uniform over blocks with the batch-subset form where the originals use it.
 """
 
 from __future__ import annotations

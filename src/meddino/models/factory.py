@@ -19,6 +19,7 @@ import torch
 from meddino.errors import CheckpointError, ConfigError
 from meddino.models.archs import resolve_arch, version_of_timm_name
 from meddino.models.backbone import Backbone, CNNBackbone
+from meddino.models.droppath import apply_dino_drop_path
 
 _VIT_DEFAULTS = dict(num_classes=0, global_pool="token", dynamic_img_size=True)
 
@@ -52,6 +53,7 @@ def build_from_timm(timm_name: str, version: str, kwargs: dict[str, Any], drop_p
         for module in vit.modules():
             if isinstance(module, torch.nn.LayerNorm):
                 module.eps = float(kwargs["norm_eps"])
+    apply_dino_drop_path(vit, version, drop_path_rate)
     arch = {"timm_name": timm_name, "version": version, "kwargs": _jsonable(kwargs)}
     return Backbone(vit, version, arch)
 
