@@ -1,0 +1,1 @@
+"""Surgical phase recognition: frame classifier + causal MS-TCN (seed 000's protocol), online inference."""
