@@ -1,0 +1,362 @@
+"""Trainable protocols: full fine-tuning (layer-wise lr decay), LoRA (peft) and BitFit, with a lr x batch sweep.
+
+- ``full``: every parameter trains; AdamW with layer-wise lr decay (lr x ``layer_decay`` ^ (depth + 1 - layer),
+  layer 0 = patch embedding and prefix tokens, block i = layer i + 1, final norm and head = depth + 1), as in
+  BEiT/DINOv2 fine-tuning. CNN baselines have no block index: all their layers get the base lr.
+- ``lora``: peft LoRA adapters (``LoraConfig(r, lora_alpha, target_modules)``; seed 001: r 48, alpha 16 on
+  ``qkv``, ``fc1``, ``fc2``) injected into the backbone's timm module (``backbone.vit``, or ``backbone.model``
+  for a CNN); only the adapters and the head train.
+- ``bitfit``: only the bias terms of the backbone and the head train (Ben Zaken et al. 2022).
+
+Seed 002's protocol is the ``seed002_binary_cv`` recipe: head Linear -> ReLU -> Linear on the CLS token, BCE,
+5-fold CV with the manifest's fixed folds, the lowest-validation-loss weights kept as a real copy (a cloned
+state dict, not a reference to the live tensors -- the bug of the public code), and the lr x batch sweep.
+The sweep's configuration is chosen on validation (mean best val loss over the folds by default), never on
+test; every configuration's test metrics are still written under ``sweep/``.
+Augmentation: horizontal flip (probability ``hflip``) on training images only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meddino.data.manifest import Manifest
+from meddino.errors import ConfigError, DataError
+from meddino.runlog import Progress, RunDir
+from meddino.tasks.classify.embed import ImageDataset, autocast, check_img_size, resolve_device
+from meddino.tasks.classify.frozen import class_scores, head_targets, output_dim
+from meddino.tasks.classify.results import (
+    evaluate,
+    prediction_rows,
+    summarize,
+    write_predictions,
+    write_results,
+)
+
+_NO_DECAY_TOKENS = ("cls_token", "pos_embed", "reg_token", "mask_token", "register_tokens")
+
+
+class Classifier(nn.Module):
+    """Backbone + head on the CLS token (``linear``, or ``mlp`` = Linear -> ReLU -> Linear as in seed 002)."""
+
+    def __init__(self, backbone: nn.Module, num_outputs: int, head: str = "linear", hidden: int = 256):
+        super().__init__()
+        self.backbone = backbone
+        dim = int(backbone.embed_dim)
+        if head == "linear":
+            self.head: nn.Module = nn.Linear(dim, num_outputs)
+        elif head == "mlp":
+            self.head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_outputs))
+        else:
+            raise ConfigError(f"finetune.head: expected linear or mlp, got {head!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
+    """CE for multi-class; BCE with logits for binary (one logit) and multi-label."""
+    logits = logits.float()
+    if task == "multiclass":
+        return F.cross_entropy(logits, targets)
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+# ------------------------------------------------------------------------------------------ trainability
+def _timm_module(backbone: nn.Module) -> nn.Module:
+    for attr in ("vit", "model"):
+        mod = getattr(backbone, attr, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    return backbone
+
+
+def apply_lora(model: Classifier, r: int, alpha: float, targets: list[str], dropout: float = 0.0) -> None:
+    """Inject LoRA adapters into the backbone's timm module; freeze everything but adapters and head."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    target = _timm_module(model.backbone)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    try:
+        inject_adapter_in_model(config, target)
+    except ValueError as exc:
+        raise ConfigError(f"finetune.lora_targets={targets}: {str(exc).splitlines()[0][:200]}") from None
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or name.startswith("head."))
+
+
+def apply_bitfit(model: Classifier) -> None:
+    """Only bias terms (backbone and head) and the head's weights train."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("bias") or name.startswith("head."))
+
+
+def configure(model: Classifier, mode: str, fc: Any) -> None:
+    if mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if hasattr(model.backbone, "mask_token"):  # only used by masked-image SSL objectives
+            model.backbone.mask_token.requires_grad_(False)
+    elif mode == "lora":
+        apply_lora(model, fc.lora_r, fc.lora_alpha, fc.lora_targets, fc.lora_dropout)
+    elif mode == "bitfit":
+        apply_bitfit(model)
+    else:
+        raise ConfigError(f"finetune.mode: expected full, lora or bitfit, got {mode!r}")
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Layer index for layer-wise lr decay (see module docstring); ``name`` is a Classifier parameter name."""
+    if name.startswith("head."):
+        return depth + 1
+    n = name.removeprefix("backbone.")
+    if n.startswith("vit.blocks."):
+        return int(n.split(".")[2]) + 1
+    if n.startswith(("vit.norm.", "vit.fc_norm.", "vit.head")):
+        return depth + 1
+    if n.startswith("vit."):
+        return 0
+    return depth + 1  # CNN layers and anything else: base lr
+
+
+def param_groups(model: Classifier, lr: float, weight_decay: float, layer_decay: float = 1.0,
+                 head_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters: per-layer lr (decay) and no weight decay on biases, norms
+    and tokens. Each group carries ``lr_scale`` relative to ``lr``."""
+    depth = int(getattr(model.backbone, "depth", 0))
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = layer_id(name, depth)
+        no_decay = p.ndim <= 1 or any(t in name for t in _NO_DECAY_TOKENS)
+        scale = layer_decay ** (depth + 1 - lid)
+        if name.startswith("head."):
+            scale *= head_lr_scale
+        key = (lid if not name.startswith("head.") else depth + 2, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "lr": lr * scale, "lr_scale": scale,
+                           "weight_decay": 0.0 if no_decay else weight_decay, "names": []}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return list(groups.values())
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warm-up then cosine decay to 0 (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------------------------- training
+def _loader(ds: ImageDataset, batch_size: int, shuffle: bool, seed: int, workers: int) -> torch.utils.data.DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                                       num_workers=workers, persistent_workers=False)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: torch.utils.data.DataLoader, targets: torch.Tensor, task: str,
+            device: torch.device) -> tuple[float, np.ndarray]:
+    """(mean loss, per-class probabilities [N, C']) over a loader, in eval mode."""
+    model.eval()
+    total, count, outs = 0.0, 0, []
+    for x, idx in loader:
+        with autocast(device):
+            logits = model(x.to(device)).float()
+        y = targets[idx].to(device)
+        total += float(loss_fn(logits, y, task)) * x.shape[0]
+        count += x.shape[0]
+        outs.append(class_scores(logits, task).cpu())
+    return total / max(count, 1), torch.cat(outs).numpy()
+
+
+def train_model(model: Classifier, train_ds: ImageDataset, y_train: torch.Tensor, val_ds: ImageDataset,
+                y_val: torch.Tensor, task: str, fc: Any, lr: float, batch_size: int, device: torch.device,
+                seed: int, log: Any = None) -> dict[str, Any]:
+    """Train, validate every epoch, keep the lowest-val-loss weights as a real copy and load them at the end."""
+    model.to(device)
+    groups = param_groups(model, lr, fc.weight_decay, fc.layer_decay if fc.mode == "full" else 1.0,
+                          fc.head_lr_scale)
+    if not groups:
+        raise ConfigError(f"finetune.mode={fc.mode}: no trainable parameters")
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr)
+    train_loader = _loader(train_ds, batch_size, True, seed, fc.num_workers)
+    val_loader = _loader(val_ds, max(batch_size, 32), False, seed, fc.num_workers)
+    steps_per_epoch = len(train_loader)
+    total = fc.epochs * steps_per_epoch
+    warmup = int(round(fc.warmup_epochs * steps_per_epoch))
+    trainable = [p for g in groups for p in g["params"]]
+    best: dict[str, Any] = {"val_loss": math.inf, "epoch": -1, "state": None}
+    history = []
+    step, stale = 0, 0
+    torch.manual_seed(seed)
+    with Progress(total, "finetune", unit="step") as bar:
+        for epoch in range(fc.epochs):
+            model.train()
+            running, seen = 0.0, 0
+            for x, idx in train_loader:
+                factor = lr_factor(step, total, warmup, fc.schedule)
+                for g in opt.param_groups:
+                    g["lr"] = lr * g["lr_scale"] * factor
+                with autocast(device):
+                    logits = model(x.to(device, non_blocking=True))
+                loss = loss_fn(logits, y_train[idx].to(device), task)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if fc.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(trainable, fc.grad_clip)
+                opt.step()
+                running += loss.item() * x.shape[0]
+                seen += x.shape[0]
+                step += 1
+                bar.advance(1, loss=loss.item())
+            val_loss, _ = predict(model, val_loader, y_val, task, device)
+            history.append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val_loss})
+            if log is not None:
+                log(epoch=epoch, train_loss=running / max(seen, 1), val_loss=val_loss)
+            if val_loss < best["val_loss"]:
+                # a REAL copy: cloned tensors, not references to the weights that keep training
+                best = {"val_loss": val_loss, "epoch": epoch,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                stale = 0
+            else:
+                stale += 1
+                if fc.patience and stale >= fc.patience:
+                    break
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    return {"best_val_loss": best["val_loss"], "best_epoch": best["epoch"], "history": history}
+
+
+def build_model(cfg: Any, m: Manifest, device: torch.device) -> Classifier:
+    from meddino.tasks.classify.common import load_backbone
+
+    backbone = load_backbone(cfg, drop_path_rate=cfg.finetune.drop_path)
+    check_img_size(backbone, cfg.data.img_size)
+    model = Classifier(backbone, output_dim(m.task, len(m.names)), cfg.finetune.head, cfg.finetune.head_hidden)
+    configure(model, cfg.finetune.mode, cfg.finetune)
+    return model.to(device)
+
+
+def _sweep(fc: Any) -> Iterator[tuple[float, int]]:
+    yield from itertools.product(fc.lrs, fc.batch_sizes)
+
+
+def run_finetune(cfg: Any, manifest: Manifest | None = None) -> int:
+    from meddino.tasks.classify.common import load_manifest, model_name
+    from meddino.tasks.classify.units import make_units
+
+    run = RunDir(cfg.out, cfg, tensorboard=False)
+    out = run.path
+    fc = cfg.finetune
+    m = manifest if manifest is not None else load_manifest(cfg)
+    if m.is_volume().any():
+        raise DataError(f"manifest {m.source}: fine-tuning on 3D volumes is not supported; "
+                        "use the frozen protocols (embed, knn, linear, fewshot)")
+    units = make_units(m, need_val=True, scheme=cfg.data.scheme, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+    device = resolve_device(cfg.device)
+    model_display = model_name(cfg)
+    targets = head_targets(m.labels, m.task)
+    probe = build_model(cfg, m, torch.device("cpu"))
+    mean, std = tuple(probe.backbone.mean), tuple(probe.backbone.std)
+    n_trainable = sum(p.numel() for p in probe.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in probe.parameters())
+    del probe
+    configs: list[dict[str, Any]] = []
+    log_step = 0
+    for c, (lr, bs) in enumerate(_sweep(fc)):
+        per_unit, rows, records, val_losses, val_aurocs = [], [], [], [], []
+        for i, unit in enumerate(units):
+            seed = cfg.seed + i
+            torch.manual_seed(seed)
+            model = build_model(cfg, m, device)
+            size = cfg.data.img_size
+            train_ds = ImageDataset([m.paths[j] for j in unit.train], size, mean, std, hflip=fc.hflip)
+            val_ds = ImageDataset([m.paths[j] for j in unit.val], size, mean, std)
+            test_ds = ImageDataset([m.paths[j] for j in unit.test], size, mean, std)
+
+            def log(**values: Any) -> None:
+                nonlocal log_step
+                run.log(log_step, config=c, lr=lr, batch_size=bs, unit=unit.name, **values)
+                log_step += 1
+
+            info = train_model(model, train_ds, targets[unit.train], val_ds, targets[unit.val], m.task, fc, lr, bs,
+                               device, seed, log)
+            val_loader = _loader(val_ds, max(bs, 32), False, seed, fc.num_workers)
+            _, val_scores = predict(model, val_loader, targets[unit.val], m.task, device)
+            val_metrics = evaluate(m.task, m.labels[unit.val], val_scores, m.patients[unit.val], cfg.threshold)
+            test_loader = _loader(test_ds, max(bs, 32), False, seed, fc.num_workers)
+            _, scores = predict(model, test_loader, targets[unit.test], m.task, device)
+            metrics = evaluate(m.task, m.labels[unit.test], scores, m.patients[unit.test], cfg.threshold)
+            per_unit.append(metrics)
+            val_losses.append(info["best_val_loss"])
+            val_aurocs.append(val_metrics["image"]["auroc"])  # type: ignore[index]
+            rows += prediction_rows(m, unit.test, scores, unit.name, f"lr={lr:g},bs={bs}", "finetune",
+                                    model_display, extra={"mode": fc.mode})
+            records.append({"name": unit.name, "n_train": int(unit.train.size), "n_val": int(unit.val.size),
+                            "n_test": int(unit.test.size), "best_epoch": info["best_epoch"],
+                            "best_val_loss": info["best_val_loss"], "val_auroc": val_metrics["image"]["auroc"],  # type: ignore[index]
+                            "history": info["history"], "metrics_image": metrics["image"],
+                            "metrics_patient": metrics["patient"]})
+            del model
+        configs.append({"lr": lr, "batch_size": bs, "mean_val_loss": float(np.mean(val_losses)),
+                        "mean_val_auroc": float(np.nanmean(val_aurocs)) if np.isfinite(val_aurocs).any() else
+                        float("nan"), "summary": summarize(per_unit, m.names), "units": records, "rows": rows})
+    if fc.sweep_select == "val_loss":
+        best = min(range(len(configs)), key=lambda i: configs[i]["mean_val_loss"])
+    else:
+        best = max(range(len(configs)), key=lambda i: np.nan_to_num(configs[i]["mean_val_auroc"], nan=-1.0))
+    chosen = configs[best]
+    write_predictions(out / "predictions/finetune.csv", chosen["rows"])
+    sweep = []
+    for c in configs:
+        name = f"sweep/predictions_lr{c['lr']:g}_bs{c['batch_size']}.csv"
+        write_predictions(out / name, c["rows"])
+        sweep.append({"lr": c["lr"], "batch_size": c["batch_size"], "mean_val_loss": c["mean_val_loss"],
+                      "mean_val_auroc": c["mean_val_auroc"], "metrics_image": c["summary"]["image"],
+                      "metrics_patient": c["summary"]["patient"], "predictions": name})
+    hp = {"mode": fc.mode, "lr": chosen["lr"], "batch_size": chosen["batch_size"], "epochs": fc.epochs,
+          "head": fc.head, "weight_decay": fc.weight_decay, "sweep_select": fc.sweep_select,
+          "img_size": cfg.data.img_size, "trainable_params": n_trainable, "total_params": n_total}
+    if fc.mode == "full":
+        hp["layer_decay"] = fc.layer_decay
+    if fc.mode == "lora":
+        hp.update(lora_r=fc.lora_r, lora_alpha=fc.lora_alpha, lora_targets=fc.lora_targets)
+    write_results(out, threshold=cfg.threshold, protocol="finetune", model=model_display, backbone=cfg.backbone, m=m, level=cfg.level,
+                  summary=chosen["summary"], units=chosen["units"], hyperparameters=hp,
+                  predictions={"finetune": "predictions/finetune.csv"}, primary=f"lr={chosen['lr']:g},bs={chosen['batch_size']}",
+                  extra={"mode": fc.mode, "sweep": sweep})
+    run.close()
+    from meddino.tasks.classify.frozen import _print_summary
+
+    _print_summary(f"finetune-{fc.mode}", out, chosen["summary"], cfg.level,
+                   f"lr={chosen['lr']:g} bs={chosen['batch_size']}, {n_trainable} trainable params")
+    return 0
+
+
+__all__ = [
+    "Classifier",
+    "apply_bitfit",
+    "apply_lora",
+    "configure",
+    "layer_id",
+    "loss_fn",
+    "lr_factor",
+    "param_groups",
+    "predict",
+    "run_finetune",
+    "train_model",
+]
