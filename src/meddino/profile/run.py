@@ -1,0 +1,328 @@
+"""``meddino profile``: a backbone alone and with each task head, and a pretraining recipe's throughput.
+
+Inference (seed 000's "online inference efficiency"): for the backbone and every requested head, the
+parameter count (M) and the latency of one forward pass in eval mode under ``torch.inference_mode`` on a
+random normalised input ``[batch_size, 3, img_size, img_size]``, median and p95 over ``repeats`` calls after
+``warmup`` calls, and FPS = ``batch_size * 1000 / median ms``. What one call covers:
+
+- ``backbone``: ``forward_features`` (CLS + patch tokens after the final norm);
+- ``linear_seg`` / ``unet``: the frozen-encoder segmentation model of ``meddino eval seg`` producing logits
+  at the input size (:class:`meddino.tasks.seg.heads.SegmentationModel`);
+- ``eomt``: EoMT's semantic map at inference (queries joined before the last blocks, no masked attention,
+  per-pixel class scores at the input size);
+- ``phase``: one online frame step of seed 000's phase model: backbone CLS feature, then one step of the
+  causal MS-TCN with its rolling state (:class:`meddino.tasks.phase.mstcn.OnlineMSTCN`).
+
+A head that cannot be built for this backbone (U-Net on fewer than 4 blocks, EoMT on a CNN, a task module
+missing from the installation) is listed with a note instead of a number.
+
+Pretraining (``--recipe NAME``): the recipe's real training step (teacher targets, student forward, losses,
+backward, clipping, AdamW, EMA update; :meth:`meddino.pretrain.engine.Trainer.train_step`) on synthetic
+multi-crop batches, so the number is the model's cost without data loading; images/s over ``steps`` steps
+after ``warmup`` steps. On CUDA the largest per-device batch that trains one step without running out of
+memory is found by doubling from 1 and then bisecting between the last batch that fit and the first that
+did not (``torch.cuda.OutOfMemoryError`` is caught and the cache emptied); on CPU it is reported as n/a.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from meddino.config import Schema
+from meddino.errors import ConfigError
+from meddino.profile.timing import count_params, latency_stats, machine_info, synchronize, time_calls
+
+HEADS = ("linear_seg", "unet", "eomt", "phase")
+
+
+class PretrainProfileConfig(Schema):
+    batch_size: int | None = Field(None, ge=1, description="per-device batch for images/s (default: the recipe's)")
+    steps: int = Field(5, ge=1)
+    warmup: int = Field(2, ge=0)
+    max_batch: bool = True  # search the largest batch (CUDA only)
+    max_batch_limit: int = Field(4096, ge=1)
+
+
+class ProfileConfig(Schema):
+    backbone: str | None = None
+    recipe: str | None = None
+    recipe_overrides: list[str] = []
+    head: str = "all"  # backbone | linear_seg | unet | eomt | phase | all | comma-separated list
+    img_size: int = Field(224, ge=8)
+    batch_size: int = Field(1, ge=1)
+    warmup: int = Field(5, ge=0)
+    repeats: int = Field(50, ge=1)
+    num_classes: int = Field(8, ge=1)  # segmentation classes of the profiled heads
+    num_queries: int = Field(100, ge=1)  # EoMT queries (100 in the paper; seed 000's surgical configs: 13)
+    num_phases: int = Field(7, ge=2)  # phase classes (AutoLaparo: 7)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    out: str = "runs/profile"
+    pretrain: PretrainProfileConfig = PretrainProfileConfig()
+
+
+def pick_device(pref: str) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA device is available (use auto or cpu)")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def parse_heads(spec: str) -> list[str]:
+    """``all`` -> every head; otherwise a comma-separated subset of backbone + :data:`HEADS`."""
+    names = [h.strip() for h in spec.split(",") if h.strip()]
+    if names == ["all"]:
+        return list(HEADS)
+    bad = [h for h in names if h not in (*HEADS, "backbone")]
+    if bad or not names:
+        raise ConfigError(f"head: unknown {', '.join(bad) or '(empty)'}; use one of backbone, "
+                          f"{', '.join(HEADS)}, all (or a comma-separated list)")
+    return [h for h in names if h != "backbone"]
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16" and device.type != "cuda":
+        raise ConfigError("precision=bf16 needs CUDA (CPU runs in fp32)")
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_head(name: str, backbone: torch.nn.Module, cfg: ProfileConfig) -> tuple[torch.nn.Module, Any]:
+    """(module holding every parameter used, callable input -> output) for one head; raises ConfigError /
+    ImportError when the head is not available for this backbone."""
+    if name in ("linear_seg", "unet", "eomt"):
+        from meddino.tasks.seg.heads import SegmentationModel
+
+        head = {"linear_seg": "linear"}.get(name, name)
+        eomt = {"num_queries": cfg.num_queries} if name == "eomt" else None
+        model = SegmentationModel(backbone, head, cfg.num_classes, freeze_backbone=True, eomt=eomt)
+        return model, model.class_scores
+    if name == "phase":
+        from meddino.tasks.phase.mstcn import MSTCN, MSTCNConfig, OnlineMSTCN
+
+        mstcn = MSTCN(MSTCNConfig(in_dim=int(backbone.embed_dim), num_classes=cfg.num_phases))
+        online = OnlineMSTCN(mstcn.eval())
+        model = torch.nn.ModuleDict({"backbone": backbone, "mstcn": mstcn})
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            return online.step(backbone(x).float())
+
+        return model, step
+    raise ConfigError(f"unknown head {name!r}")
+
+
+def profile_inference(cfg: ProfileConfig, device: torch.device) -> list[dict[str, Any]]:
+    """One row per (backbone, head) with params, latency median / p95 and FPS (see module docstring)."""
+    from meddino.models import resolve_backbone
+
+    backbone = resolve_backbone(cfg.backbone, img_size=cfg.img_size).to(device).eval()
+    patch = int(getattr(backbone, "patch_size", 1) or 1)
+    if getattr(backbone, "version", "") != "cnn" and cfg.img_size % patch:
+        raise ConfigError(f"img_size: {cfg.img_size} is not a multiple of the backbone's patch size {patch}")
+    x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+    n_backbone = count_params(backbone)
+    base = {"model": cfg.backbone, "img_size": cfg.img_size, "batch_size": cfg.batch_size,
+            "device": str(device), "precision": "bf16" if device.type == "cuda" and cfg.precision != "fp32" else "fp32"}
+    rows = []
+    ac = _autocast(device, cfg.precision)
+
+    def measure(fn: Any) -> dict[str, float]:
+        def call() -> None:
+            with torch.inference_mode(), ac:
+                fn(x)
+
+        return latency_stats(time_calls(call, cfg.warmup, cfg.repeats, device), cfg.batch_size)
+
+    rows.append({**base, "head": "backbone", "params_m": n_backbone / 1e6, "head_params_m": 0.0,
+                 **measure(backbone.forward_features), "note": ""})
+    for name in parse_heads(cfg.head):
+        try:
+            model, fn = build_head(name, backbone, cfg)
+        except (ConfigError, ImportError, ValueError) as exc:
+            rows.append({**base, "head": name, "note": f"skipped: {str(exc).splitlines()[0]}"})
+            continue
+        model = model.to(device).eval()
+        total = count_params(model)
+        rows.append({**base, "head": name, "params_m": total / 1e6, "head_params_m": (total - n_backbone) / 1e6,
+                     **measure(fn), "note": "online step: backbone CLS + causal MS-TCN" if name == "phase" else ""})
+        del model, fn
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- pretraining
+def _pretrain_trainer(cfg: ProfileConfig, device: torch.device, tmp: Path) -> Any:
+    """A :class:`~meddino.pretrain.engine.Trainer` of the recipe, set up on a one-image folder (the data is
+    never read: the profile feeds synthetic batches)."""
+    import numpy as np
+    from PIL import Image
+
+    from meddino.config import load_config
+    from meddino.pretrain.config import PretrainConfig
+    from meddino.pretrain.distributed import DistEnv
+    from meddino.pretrain.engine import Trainer
+
+    data = tmp / "data"
+    data.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(data / "blank.png")
+    overrides = [*cfg.recipe_overrides, f"data.path={data}", f"out={tmp / 'out'}", "data.num_workers=0",
+                 f"train.device={device.type}", "monitor.every=0"]
+    if cfg.precision == "fp32":
+        overrides.append("train.precision=fp32")
+    pcfg = load_config(PretrainConfig, cfg.recipe, overrides, "pretrain")
+    trainer = Trainer(pcfg, DistEnv(0, 1, 0, device))
+    trainer.setup()
+    return trainer
+
+
+def _synthetic_batch(trainer: Any, batch: int, device: torch.device) -> dict[str, Any]:
+    c = trainer.cfg.crops
+    g = torch.randn(2, batch, 3, c.global_size, c.global_size, device=device)
+    loc = torch.randn(c.n_local, batch, 3, c.local_size, c.local_size, device=device)
+    return {"global": g, "local": loc, "slot": torch.arange(batch), "size": batch, "skipped": []}
+
+
+def _train_steps(trainer: Any, batch: int, n: int, start: int, device: torch.device) -> float:
+    """``n`` real training steps at per-device batch ``batch``; seconds taken."""
+    trainer.global_batch = batch  # iBOT masks are drawn for the global batch (single process here)
+    data = _synthetic_batch(trainer, batch, device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for it in range(start, start + n):
+        trainer.train_step(it, data)
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _first_trained_iteration(trainer: Any) -> int:
+    """Continued-pretraining recipes keep the backbone frozen for the first iterations (head warm-up); the
+    profile times steps where the backbone trains."""
+    return int(getattr(trainer.sched, "frozen_iters", 0) or 0)
+
+
+def _fits(trainer: Any, batch: int, device: torch.device) -> bool:
+    try:
+        _train_steps(trainer, batch, 1, _first_trained_iteration(trainer), device)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def largest_batch(fits: Any, limit: int) -> tuple[int, int | None]:
+    """Largest ``b`` in 1..limit with ``fits(b)`` assuming monotonicity: doubling, then bisection.
+
+    Returns ``(largest fitting batch or 0, smallest failing batch or None when limit was reached)``.
+    """
+    if not fits(1):
+        return 0, 1
+    ok, bad = 1, None
+    while bad is None:
+        nxt = min(ok * 2, limit)
+        if nxt == ok:
+            return ok, None
+        if fits(nxt):
+            ok = nxt
+        else:
+            bad = nxt
+    while bad - ok > 1:
+        mid = (ok + bad) // 2
+        if fits(mid):
+            ok = mid
+        else:
+            bad = mid
+    return ok, bad
+
+
+def profile_pretrain(cfg: ProfileConfig, device: torch.device) -> dict[str, Any]:
+    """Images/s of the recipe's training step and (CUDA) the largest batch that fits."""
+    with tempfile.TemporaryDirectory(prefix="meddino-profile-") as tmp:
+        trainer = _pretrain_trainer(cfg, device, Path(tmp))
+        p = cfg.pretrain
+        batch = p.batch_size or trainer.cfg.data.batch_size
+        c = trainer.cfg.crops
+        row: dict[str, Any] = {
+            "model": cfg.recipe, "head": "pretraining step", "arch": trainer.cfg.model.arch,
+            "method": trainer.cfg.method.version, "img_size": c.global_size, "local_size": c.local_size,
+            "n_local": c.n_local, "batch_size": batch, "device": str(device),
+            "precision": "bf16" if trainer.autocast else "fp32",
+            "params_m": count_params(trainer.student) / 1e6,
+        }
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        it0 = _first_trained_iteration(trainer)
+        if p.warmup:
+            _train_steps(trainer, batch, p.warmup, it0, device)
+        seconds = _train_steps(trainer, batch, p.steps, it0 + p.warmup, device)
+        row["images_per_s"] = batch * p.steps / seconds
+        row["s_per_step"] = seconds / p.steps
+        if device.type == "cuda":
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if p.max_batch:
+                ok, bad = largest_batch(lambda b: _fits(trainer, b, device), p.max_batch_limit)
+                row["max_batch"] = ok
+                row["note"] = (f"largest batch by doubling + bisection (first failing: {bad})" if bad
+                               else f"reached max_batch_limit={p.max_batch_limit} without running out of memory")
+        else:
+            row["max_batch"] = "n/a"
+            row["note"] = "max batch: n/a on CPU (no device memory limit to search; host RAM would swap)"
+        del trainer
+        gc.collect()
+    return row
+
+
+def run_profile(cfg: ProfileConfig) -> Path:
+    """Measure, print a table, write ``OUT/profile.json``; returns the JSON path."""
+    from meddino import __version__
+    from meddino.runlog import write_json
+
+    if not cfg.backbone and not cfg.recipe:
+        raise ConfigError("profile: give --backbone CKPT and/or --recipe NAME")
+    device = pick_device(cfg.device)
+    torch.manual_seed(0)
+    rows = profile_inference(cfg, device) if cfg.backbone else []
+    if cfg.recipe:
+        rows.append(profile_pretrain(cfg, device))
+    out = Path(cfg.out).expanduser()
+    payload = {"task": "profile", "meddino_version": __version__, "machine": machine_info(device),
+               "config": cfg.model_dump(mode="json"), "rows": rows}
+    path = out / "profile.json"
+    write_json(path, payload)
+    print_table(rows, payload["machine"])
+    return path
+
+
+def print_table(rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"meddino profile on {machine.get('device_name', machine.get('device'))}")
+    cols = [("model", "model"), ("head", "head"), ("params (M)", "params_m"), ("batch", "batch_size"),
+            ("median ms", "latency_ms_median"), ("p95 ms", "latency_ms_p95"), ("FPS", "fps"),
+            ("img/s (train)", "images_per_s"), ("max batch", "max_batch"), ("note", "note")]
+    cols = [(t, k) for t, k in cols if any(r.get(k) not in (None, "") for r in rows)]
+    for title, _ in cols:
+        table.add_column(title)
+    for r in rows:
+        table.add_row(*[_cell(r.get(k)) for _, k in cols])
+    Console(width=160).print(table)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) >= 0.01 else f"{v:.4f}"
+    return str(v)

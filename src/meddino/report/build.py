@@ -1,0 +1,433 @@
+"""``meddino report``: runs -> tables, bootstrap intervals, rank stability, paired differences, figures, HTML.
+
+What is computed, and how it follows seed 000 (see docs/report.md):
+
+- **Tables**: the mean +/- std every run wrote in its results.json, at the level its protocol defines
+  (patients for segmentation, videos for phase, patients / images over folds for classification).
+- **Bootstrap** per (task, dataset): the units (patients, or videos for phase) common to all models are
+  resampled with replacement ``bootstrap.samples`` times with one fixed seed
+  (:func:`meddino.report.stats.bootstrap_indices`), so all models are scored on the SAME resamples (paired).
+  Each metric is recomputed per model on every resample from the pooled predictions: segmentation from the
+  per-image-class rows aggregated per patient (classes averaged per patient; a resample's value is the mean
+  over the drawn patients, a patient drawn twice counting twice), classification from the scores of the drawn
+  patients' rows (AUROC etc. via :mod:`meddino.metrics.classification`; per-patient mean scores when the run
+  reports patient level), phase from per-video metrics. 95 % percentile intervals.
+- **Ranks**: all models are ranked on every resample for every (metric, dataset) of a task, the ranks are
+  pooled (:func:`meddino.report.stats.bootstrap_ranks`) and drawn as seed 000's figure.
+- **Paired differences** for every pair of models: the difference on each shared resample gives an interval
+  and P(A better than B).
+- **Metric vs pretraining iteration**, **frozen vs trainable** box plots, **training curves**, viz panels and
+  the **profiling** table.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from meddino.config import Schema
+from meddino.errors import DataError, UserError
+from meddino.report import stats
+from meddino.report.collect import (
+    ClassificationRows,
+    Collection,
+    EvalRun,
+    UnitValues,
+    collect,
+    higher_is_better,
+    load_predictions,
+)
+
+UNIT_KIND = {"segmentation": "patient", "phase": "video", "classification": "patient"}
+
+
+class BootstrapConfig(Schema):
+    samples: int = Field(1000, ge=0, description="bootstrap resamples (0 = no bootstrap)")
+    seed: int = 0
+    alpha: float = Field(0.05, gt=0, lt=1, description="1 - coverage of the intervals")
+
+
+class ReportConfig(Schema):
+    runs: str = ""
+    out: str | None = None  # default RUNS/report
+    title: str = "meddino report"
+    bootstrap: BootstrapConfig = BootstrapConfig()
+
+
+# ------------------------------------------------------------------------------------------ pure helpers
+def percentile_interval(samples: np.ndarray, alpha: float = 0.05) -> tuple[float, float, int]:
+    """(lower, upper, number of NaN samples): percentile interval over the finite samples."""
+    s = np.asarray(samples, dtype=np.float64)
+    finite = s[~np.isnan(s)]
+    if finite.size == 0:
+        return float("nan"), float("nan"), int(s.size)
+    lo, hi = np.percentile(finite, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi), int(s.size - finite.size)
+
+
+def paired_from_samples(a: np.ndarray, b: np.ndarray, point_a: float, point_b: float,
+                        higher_is_better: bool = True, alpha: float = 0.05) -> dict[str, float | int]:
+    """Paired bootstrap difference A - B from scores already computed on the SAME resamples.
+
+    Same output as :func:`meddino.report.stats.paired_difference_ci` (``diff``, ``lower``, ``upper``,
+    ``frac_a_better``, ``frac_tie``, ``n_nan``), but reuses the per-model samples the ranking needs instead of
+    recomputing both metrics for every pair.
+    """
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    lo, hi, n_nan = percentile_interval(d, alpha)
+    finite = d[~np.isnan(d)]
+    better = finite > 0 if higher_is_better else finite < 0
+    return {"a": point_a, "b": point_b, "diff": point_a - point_b, "lower": lo, "upper": hi,
+            "frac_a_better": float(better.mean()) if finite.size else float("nan"),
+            "frac_tie": float((finite == 0).mean()) if finite.size else float("nan"),
+            "n_samples": int(d.size), "n_nan": n_nan}
+
+
+@dataclass
+class GroupBootstrap:
+    """All models of one (task, dataset) scored on the same resamples."""
+
+    task: str
+    dataset: str
+    units: list[str]
+    models: list[str]
+    metrics: list[str]
+    point: dict[str, dict[str, float]]  # model -> metric -> value on all units
+    samples: dict[str, dict[str, np.ndarray]]  # model -> metric -> [n_samples]
+    notes: list[str] = field(default_factory=list)
+
+
+def bootstrap_group(task: str, dataset: str, data: dict[str, UnitValues | ClassificationRows],
+                    n_samples: int, seed: int) -> GroupBootstrap:
+    """Score every model of ``data`` on the shared unit resamples (see the module docstring)."""
+    notes = []
+    unit_sets = {m: d.units() for m, d in data.items()}
+    common = set.intersection(*unit_sets.values())
+    if any(s != common for s in unit_sets.values()):
+        notes.append(f"models were evaluated on different {UNIT_KIND[task]}s; the bootstrap uses the "
+                     f"{len(common)} they share")
+    units = sorted(common)
+    if len(units) < 2:
+        raise DataError(f"{task}/{dataset}: fewer than 2 shared {UNIT_KIND[task]}s to resample")
+    for d in data.values():
+        d.prepare(units)
+    all_units = np.arange(len(units))
+    draws = stats.bootstrap_indices(all_units, n_samples, seed)
+    point = {m: d.scores(all_units) for m, d in data.items()}
+    metrics = sorted(set.intersection(*(set(p) for p in point.values())))
+    samples: dict[str, dict[str, np.ndarray]] = {}
+    for m, d in data.items():
+        rows = [d.scores(idx) for idx in draws]
+        samples[m] = {k: np.array([r.get(k, np.nan) for r in rows]) for k in metrics}
+    return GroupBootstrap(task, dataset, units, list(data), metrics, point, samples, notes)
+
+
+# ------------------------------------------------------------------------------------------- the report
+@dataclass
+class Report:
+    cfg: ReportConfig
+    col: Collection
+    labels: dict[int, str] = field(default_factory=dict)  # id(run) -> entry label
+    entries: dict[tuple[str, str, str], EvalRun] = field(default_factory=dict)  # (task, dataset, label)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # csv name -> rows
+    groups: list[GroupBootstrap] = field(default_factory=list)
+    ranks: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # task -> bootstrap_ranks
+    rank_keys: dict[str, list[str]] = field(default_factory=dict)
+    figures: dict[str, bytes] = field(default_factory=dict)  # name -> PNG
+    notes: list[str] = field(default_factory=list)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.10g}"
+    return "" if v is None else str(v)
+
+
+def entry_labels(evals: list[EvalRun]) -> dict[int, str]:
+    """A label per run that tells its models apart within a task: the model name, plus the protocol and
+    the encoder mode when those vary inside the task."""
+    out = {}
+    for task in {r.task for r in evals}:
+        runs = [r for r in evals if r.task == task]
+        vary_protocol = len({r.protocol for r in runs}) > 1
+        vary_encoder = len({r.encoder for r in runs}) > 1
+        for r in runs:
+            extra = [x for x, on in ((r.protocol, vary_protocol), (r.encoder or "?", vary_encoder)) if on]
+            out[id(r)] = r.name + (f" [{', '.join(extra)}]" if extra else "")
+    return out
+
+
+def _select_entries(rep: Report) -> None:
+    """One run per (task, dataset, label): the newest, with a warning for the older duplicates."""
+    rep.labels = entry_labels(rep.col.evals)
+    for r in sorted(rep.col.evals, key=lambda r: r.mtime):
+        key = (r.task, r.dataset, rep.labels[id(r)])
+        if key in rep.entries:
+            rep.col.warn(rep.entries[key].path, f"older duplicate of {key[2]} on {key[1]} ({r.path} is used)")
+        rep.entries[key] = r
+
+
+def _summary_tables(rep: Report) -> None:
+    for (task, dataset, label), r in sorted(rep.entries.items()):
+        for metric, v in r.metrics.items():
+            rep.tables.setdefault(f"{task}", []).append({
+                "task": task, "dataset": dataset, "model": label, "protocol": r.protocol,
+                "encoder": r.encoder or "", "level": r.level, "metric": metric, "mean": v["mean"],
+                "std": v["std"], "n": v.get("n") if v.get("n") is not None else len(v.get("values", [])) or "",
+                "iteration": "" if r.iteration is None else r.iteration, "run": str(r.path)})
+
+
+def _bootstrap(rep: Report) -> None:
+    b = rep.cfg.bootstrap
+    if b.samples == 0:
+        rep.notes.append("bootstrap disabled (bootstrap.samples=0)")
+        return
+    by_group: dict[tuple[str, str], dict[str, EvalRun]] = {}
+    for (task, dataset, label), r in rep.entries.items():
+        by_group.setdefault((task, dataset), {})[label] = r
+    for (task, dataset), runs in sorted(by_group.items()):
+        data = {}
+        for label, r in sorted(runs.items()):
+            try:
+                d = load_predictions(r)
+                units = sorted(d.units())
+                d.prepare(units)
+                d.scores(np.arange(len(units)))  # fails here, for this model only, on unusable scores
+                data[label] = d
+            except (ValueError, KeyError, IndexError, TypeError, csv.Error, UserError, OSError) as exc:
+                rep.col.warn(r.path, f"predictions not usable, left out of the bootstrap: {exc}")
+        if not data:
+            continue
+        try:
+            g = bootstrap_group(task, dataset, data, b.samples, b.seed)
+        except UserError as exc:
+            rep.notes.append(f"no bootstrap for {task}/{dataset}: {exc}")
+            continue
+        rep.groups.append(g)
+        rep.notes += [f"{task}/{dataset}: {n}" for n in g.notes]
+        point_ranks = {k: stats.rank_models({m: g.point[m][k] for m in g.models}, higher_is_better(k))
+                       for k in g.metrics}
+        for m in g.models:
+            for k in g.metrics:
+                lo, hi, n_nan = percentile_interval(g.samples[m][k], b.alpha)
+                rep.tables.setdefault(f"{task}_bootstrap", []).append({
+                    "task": task, "dataset": dataset, "model": m, "metric": k, "point": g.point[m][k],
+                    "lower": lo, "upper": hi, "rank": point_ranks[k][m], "units": len(g.units),
+                    "unit": UNIT_KIND[task], "samples": b.samples, "seed": b.seed, "n_nan": n_nan})
+        for ma, mb in itertools.combinations(g.models, 2):
+            for k in g.metrics:
+                hib = higher_is_better(k)
+                pa, pb = g.point[ma][k], g.point[mb][k]
+                a, bb = (ma, mb) if (pa >= pb) == hib or math.isnan(pb) else (mb, ma)  # A = the better point
+                res = paired_from_samples(g.samples[a][k], g.samples[bb][k], g.point[a][k], g.point[bb][k],
+                                          hib, b.alpha)
+                rep.tables.setdefault(f"{task}_paired", []).append({
+                    "task": task, "dataset": dataset, "metric": k, "model_a": a, "model_b": bb, **res})
+
+
+def _ranks(rep: Report) -> None:
+    from meddino.report.figures import rank_figure
+
+    for task in sorted({g.task for g in rep.groups}):
+        groups = [g for g in rep.groups if g.task == task]
+        common = set.intersection(*(set(g.models) for g in groups))
+        if len(common) < 2:  # rank within the largest dataset rather than nothing
+            groups = [max(groups, key=lambda g: len(g.models))]
+            common = set(groups[0].models)
+            if len(common) < 2:
+                continue
+            rep.notes.append(f"{task}: models differ between datasets; ranks use {groups[0].dataset} only")
+        sample_scores, hib = {}, {}
+        for g in groups:
+            for k in g.metrics:
+                sample_scores[(k, g.dataset)] = {m: g.samples[m][k] for m in sorted(common)}
+                hib[(k, g.dataset)] = higher_is_better(k)
+        ranks = stats.bootstrap_ranks(sample_scores, hib, alpha=rep.cfg.bootstrap.alpha)
+        rep.ranks[task] = ranks
+        rep.rank_keys[task] = [f"{k} / {d}" for k, d in sample_scores]
+        for m, r in ranks.items():
+            rep.tables.setdefault(f"{task}_ranks", []).append({
+                "task": task, "model": m, "mean_rank": r["mean"], "median_rank": r["median"],
+                "lower": r["lower"], "upper": r["upper"], "n": r["n"],
+                "freq": " ".join(f"{k:g}:{v:.3f}" for k, v in sorted(r["freq"].items()))})
+        _figure(rep, f"ranks_{task}", rank_figure, ranks,
+                f"{task}: {len(sample_scores)} metric x dataset, {rep.cfg.bootstrap.samples} resamples")
+
+
+def _iterations(rep: Report) -> None:
+    """Same protocol run on several checkpoints of one pretraining run -> metric against iteration."""
+    from meddino.report.figures import iteration_figure
+
+    series_by_task: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[tuple, list[EvalRun]] = {}
+    for r in rep.col.evals:
+        if r.iteration is not None:
+            groups.setdefault((r.task, r.dataset, r.protocol, r.encoder, r.pretrain_run or ""), []).append(r)
+    for (task, dataset, protocol, encoder, pre), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        by_iter = {r.iteration: r for r in sorted(runs, key=lambda r: r.mtime)}
+        if len(by_iter) < 2:
+            continue
+        label = f"{dataset} / {protocol}" + (f" ({encoder})" if encoder else "") + (f" / {Path(pre).name}" if pre else "")
+        for metric in sorted(set.intersection(*(set(r.metrics) for r in by_iter.values()))):
+            pts = [(it, by_iter[it].metrics[metric]["mean"], by_iter[it].metrics[metric]["std"])
+                   for it in sorted(by_iter)]
+            series_by_task.setdefault(task, []).append({"metric": metric, "label": label, "points": pts})
+            for it, mean, std in pts:
+                rep.tables.setdefault("iterations", []).append({
+                    "task": task, "dataset": dataset, "protocol": protocol, "encoder": encoder or "",
+                    "pretrain_run": pre, "iteration": it, "metric": metric, "mean": mean, "std": std})
+    for task, series in sorted(series_by_task.items()):
+        _figure(rep, f"iterations_{task}", iteration_figure, series, f"{task}: metric vs pretraining iteration")
+
+
+PRIMARY = {"segmentation": "dice", "classification": "auroc", "phase": "macro_f1"}
+
+
+def _encoders(rep: Report) -> None:
+    """Frozen vs trainable encoder box plots per (task, dataset) where both kinds were run."""
+    from meddino.report.figures import encoder_boxplot
+
+    by: dict[tuple[str, str], list[EvalRun]] = {}
+    for (task, dataset, _label), r in rep.entries.items():
+        if r.encoder is not None:
+            by.setdefault((task, dataset), []).append(r)
+    for (task, dataset), runs in sorted(by.items()):
+        frozen = [r for r in runs if r.encoder == "frozen"]
+        if not frozen or len(frozen) == len(runs):
+            continue
+        metric = PRIMARY.get(task, "")
+        if any(metric not in r.metrics for r in runs):
+            shared = sorted(set.intersection(*(set(r.metrics) for r in runs)))
+            if not shared:
+                continue
+            metric = shared[0]
+        boxes = {}
+        for r in sorted(runs, key=lambda r: (r.name, r.encoder != "frozen", r.encoder or "")):
+            values = r.metrics[metric].get("values") or [r.metrics[metric]["mean"]]
+            values = [v for v in values if v is not None and math.isfinite(v)]
+            if values:
+                boxes[f"{r.name} [{r.encoder}]"] = values
+        if len({k.rsplit("[", 1)[-1] for k in boxes}) < 2:
+            continue
+        _figure(rep, f"encoder_{task}_{dataset}", encoder_boxplot, boxes, metric,
+                f"{task} / {dataset}: frozen vs trainable encoder ({metric}, per {_unit_of(runs[0])})")
+
+
+def _figure(rep: Report, name: str, fn: Any, *args: Any) -> None:
+    """Draw one figure; a plotting failure on odd data loses that figure (noted on the page), not the report."""
+    try:
+        png = fn(*args)
+    except Exception as exc:  # noqa: BLE001 - the report must survive any one figure
+        rep.notes.append(f"figure {name} not drawn: {type(exc).__name__}: {exc}")
+        return
+    if png is not None:
+        rep.figures[name] = png
+
+
+def _unit_of(r: EvalRun) -> str:
+    return {"segmentation": "patient", "phase": "video"}.get(r.task, "fold")
+
+
+def _curves(rep: Report) -> None:
+    from meddino.report.figures import curve_panels, curves_figure
+
+    for i, run in enumerate(sorted(rep.col.pretrain, key=lambda r: str(r.path))):
+        if not curve_panels(run.rows):
+            rep.col.warn(run.path, "metrics.jsonl has nothing to plot")
+            continue
+        _figure(rep, f"curves_{i:02d}_{_safe(run.path.name)}", curves_figure, run.rows, str(run.path.name))
+
+
+def _profile(rep: Report) -> None:
+    for p in rep.col.profiles:
+        machine = p.data.get("machine", {}) if isinstance(p.data.get("machine"), dict) else {}
+        for row in p.data["rows"]:
+            if isinstance(row, dict):
+                rep.tables.setdefault("profile", []).append({
+                    **{k: v for k, v in row.items() if not isinstance(v, (dict, list))},
+                    "device": machine.get("device_name", ""), "run": str(p.path)})
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    from meddino.runlog import atomic_write
+
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    with atomic_write(path, "w") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(v) for k, v in r.items()})
+
+
+def make_report(cfg: ReportConfig) -> Report:
+    """Collect the runs under ``cfg.runs`` and compute every table and figure (no files written)."""
+    root = Path(cfg.runs).expanduser()
+    if not cfg.runs or not root.is_dir():
+        raise DataError(f"runs folder not found: {root}")
+    out = Path(cfg.out).expanduser() if cfg.out else root / "report"
+    col = collect(root, exclude=out)
+    if len(col) == 0:
+        extra = f" ({len(col.warnings)} unreadable folder(s), first: {col.warnings[0]})" if col.warnings else ""
+        raise DataError(f"no runs found under {root} (no results.json, viz.json, profile.json or "
+                        f"metrics.jsonl){extra}")
+    rep = Report(cfg, col)
+    _select_entries(rep)
+    _summary_tables(rep)
+    _bootstrap(rep)
+    _ranks(rep)
+    _iterations(rep)
+    _encoders(rep)
+    _curves(rep)
+    _profile(rep)
+    return rep
+
+
+def run_report(cfg: ReportConfig) -> Path:
+    """Build the report and write ``report.html``, ``tables/*.csv`` and ``figures/*.png``; returns the
+    HTML path."""
+    from meddino.report.html import render
+    from meddino.runlog import atomic_write
+
+    rep = make_report(cfg)
+    root = Path(cfg.runs).expanduser()
+    out = Path(cfg.out).expanduser() if cfg.out else root / "report"
+    for name, rows in rep.tables.items():
+        write_csv(out / "tables" / f"{name}.csv", rows)
+    for name, png in rep.figures.items():
+        with atomic_write(out / "figures" / f"{name}.png", "wb") as fh:
+            fh.write(png)
+    page = render(rep)
+    path = out / "report.html"
+    with atomic_write(path, "w") as fh:
+        fh.write(page)
+    for w in rep.col.warnings:
+        print(f"meddino report: warning: {w}", file=sys.stderr)
+    return path
+
+
+__all__ = [
+    "BootstrapConfig",
+    "GroupBootstrap",
+    "Report",
+    "ReportConfig",
+    "bootstrap_group",
+    "entry_labels",
+    "make_report",
+    "paired_from_samples",
+    "percentile_interval",
+    "run_report",
+]
