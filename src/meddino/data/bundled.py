@@ -79,10 +79,15 @@ def build_demo_data(root: str | Path, size: int = 64, step: int = 2, block: int 
     """Write the demo data set under ``root`` (idempotent: reuses a complete earlier build)."""
     root = Path(root)
     done = root / ".complete"
+    stamp = f"size={size} step={step} block={block}\n"
     data = DemoData(root, root / "unlabeled", root / "classify.csv", root / "seg.csv", [])
-    if done.exists():
+    if done.exists() and done.read_text() == stamp:
         data.viz_images = sorted((root / "viz").glob("*"))
         return data
+    import shutil
+
+    for sub in ("unlabeled", "slices", "masks", "viz"):
+        shutil.rmtree(root / sub, ignore_errors=True)
     t1, gm, wm, brain = _load_mni()
     lo, hi = np.percentile(t1[brain], [0.5, 99.5])
     (root / "unlabeled").mkdir(parents=True, exist_ok=True)
@@ -129,6 +134,6 @@ def build_demo_data(root: str | Path, size: int = 64, step: int = 2, block: int 
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    done.write_text("ok\n")
+    done.write_text(stamp)
     data.viz_images = sorted((root / "viz").glob("*"))
     return data

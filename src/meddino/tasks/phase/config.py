@@ -73,6 +73,8 @@ class Stage2(Schema):
 class PhaseEvalConfig(Schema):
     data: PhaseData
     backbone: str = Field(description="checkpoint path | random:<arch> | timm:<name>[@weights]")
+    model_name: str | None = Field(None, description="display name in results (default: the backbone spec)")
+    dataset_name: str | None = Field(None, description="display name in results (default: the data root's name)")
     out: str = "runs/phase"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

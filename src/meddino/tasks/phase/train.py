@@ -558,6 +558,9 @@ def _run(cfg: PhaseEvalConfig, out: Path, run: RunDir, device: torch.device, t_s
     results = {
         "task": "phase",
         "protocol": "seed 000 two-stage: frame classifier + causal MS-TCN",
+        "model": cfg.model_name or cfg.backbone,
+        "dataset": cfg.dataset_name or Path(d.root).name,
+        "level": "video",
         "layout": d.layout,
         "backbone": cfg.backbone,
         "phases": dataset.phases,

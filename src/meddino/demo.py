@@ -1,0 +1,129 @@
+"""``meddino demo``: the whole chain on real medical images shipped by installed packages, on a CPU.
+
+1. data: MNI152 T1 slices (nilearn) + CT/MR/US test images (pydicom) -> unlabeled set; anatomical-level
+   labels and grey/white-matter masks derived from the same files (see :mod:`meddino.data.bundled`);
+2. a start checkpoint (the tiny DINOv2 ViT, seeded random init, exported) and continued DINOv2 pretraining
+   from it;
+3. start vs continued backbone: kNN and linear probe (patient-level folds) and a frozen-encoder linear
+   segmentation head;
+4. PCA feature maps of both, bootstrap ranks and the HTML report.
+
+Every step is the real CLI verb run in this process, so the demo exercises exactly what users run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from meddino.errors import UserError
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    size: int  # image size of every stage
+    slice_step: int  # every n-th MNI slice
+    iterations: int  # pretraining iterations
+    batch_size: int
+    seg_epochs: int
+    linear_epochs: int
+    bootstrap: int
+
+
+QUICK = DemoPlan(size=32, slice_step=2, iterations=60, batch_size=16, seg_epochs=4, linear_epochs=30, bootstrap=200)
+FULL = DemoPlan(size=64, slice_step=1, iterations=400, batch_size=16, seg_epochs=12, linear_epochs=60, bootstrap=1000)
+
+
+def register(sub: argparse._SubParsersAction, groups: dict) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the whole chain on bundled real medical images (CPU, minutes, no download)",
+        description="Continued DINOv2 pretraining of a tiny ViT on MNI152 and DICOM test images, start vs "
+        "continued evaluation (kNN, linear probe, frozen-encoder segmentation), PCA maps, bootstrap "
+        "ranks and an HTML report.",
+    )
+    p.add_argument("--quick", action="store_true", help="smaller images and fewer iterations (< 3 minutes)")
+    p.add_argument("overrides", nargs="*", metavar="out=DIR", help="out=DIR (default runs/demo)")
+    p.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    out = Path("runs/demo")
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        if key != "out" or not value:
+            raise UserError(f"demo: unknown option '{item}' (only out=DIR)")
+        out = Path(value)
+    report = run_demo(out, QUICK if args.quick else FULL)
+    print(f"\nmeddino demo finished: open {report}")
+    return 0
+
+
+def _run(*argv: object) -> None:
+    """One CLI verb in this process; a failure stops the demo with that verb's message."""
+    from meddino.cli import main
+
+    args = [str(a) for a in argv]
+    code = main(args)
+    if code != 0:
+        raise UserError(f"demo step failed (exit {code}): meddino {' '.join(args[:2])}")
+
+
+def _step(n: int, text: str) -> None:
+    print(f"\n[{n}/6] {text}", flush=True)
+
+
+def run_demo(out: Path, plan: DemoPlan = FULL) -> Path:
+    import torch
+
+    from meddino.data.bundled import SEG_CLASSES, build_demo_data
+    from meddino.models import build_backbone, export_backbone
+
+    t0 = time.time()
+    out = Path(out)
+    runs = out / "runs"
+    _step(1, "building the demo data set from nilearn's MNI152 template and pydicom's test images")
+    data = build_demo_data(out / "data", size=plan.size, step=plan.slice_step)
+    n_unlabeled = sum(1 for _ in data.unlabeled.iterdir())
+    print(f"  {n_unlabeled} unlabeled images, labelled slices in {data.classify_manifest.name} and {data.seg_manifest.name}")
+
+    _step(2, f"continued DINOv2 pretraining of a tiny ViT ({plan.iterations} iterations)")
+    torch.manual_seed(0)
+    start = export_backbone(build_backbone("dinov2_tiny", img_size=plan.size), out / "start_backbone")
+    pretrain_dir = runs / "pretrain"
+    _run("pretrain", "--config", "dinov2_tiny", f"data.path={data.unlabeled}", f"init={start}",
+         f"out={pretrain_dir}", f"train.iterations={plan.iterations}", f"data.batch_size={plan.batch_size}",
+         f"crops.global_size={plan.size}", f"crops.local_size={plan.size // 2}",
+         f"train.checkpoint_every={max(plan.iterations // 2, 1)}", "resume=auto")
+    continued = pretrain_dir / "teacher_backbone.safetensors"
+    backbones = {"start (random init)": start, "continued DINOv2": continued}
+
+    _step(3, "patient-level folds for the labelled slices")
+    folds = out / "data" / "classify_folds.csv"
+    _run("data", "split", data.classify_manifest, f"out={folds}", "k=3", "seed=0")
+
+    _step(4, "classification (kNN, linear probe) and frozen-encoder segmentation, start vs continued")
+    for i, (name, spec) in enumerate(backbones.items()):
+        tag = f"m{i}"
+        common = [f"data.manifest={folds}", f"backbone={spec}", f"model_name={name}", "dataset_name=MNI152 level"]
+        _run("eval", "knn", "--config", "knn_tiny", *common, f"data.img_size={plan.size}", f"out={runs / f'knn_{tag}'}")
+        _run("eval", "linear", "--config", "linear_tiny", *common, f"data.img_size={plan.size}",
+             f"linear.epochs={plan.linear_epochs}", f"out={runs / f'linear_{tag}'}")
+        _run("eval", "seg", "--config", "seg_tiny", f"data.manifest={data.seg_manifest}", f"backbone={spec}",
+             f"model_name={name}", "dataset_name=MNI152 tissue", "head=linear", f"data.image_size={plan.size}",
+             f"data.classes={list(SEG_CLASSES)}", "data.folds=3", f"train.epochs={plan.seg_epochs}",
+             f"out={runs / f'seg_{tag}'}")
+
+    _step(5, "PCA feature maps of both backbones")
+    labels = []
+    for name in backbones:
+        labels += ["--label", name]
+    _run("viz", "pca", *data.viz_images, *sum((["--backbone", str(s)] for s in backbones.values()), []), *labels,
+         f"out={runs / 'pca'}", f"img_size={plan.size}")
+
+    _step(6, "bootstrap ranks and the HTML report")
+    _run("report", runs, f"out={out / 'report'}", f"bootstrap.samples={plan.bootstrap}", "title=meddino demo")
+    print(f"  demo took {time.time() - t0:.0f} s")
+    return out / "report" / "report.html"
