@@ -10,13 +10,13 @@ from PIL import Image
 
 from meddino.data.manifest import Manifest
 from meddino.models import build_backbone, resolve_backbone
+from meddino.data.transforms import to_tensor
 from meddino.tasks.classify.embed import (
     embed_manifest,
     extract_features,
     feature_set,
     load_cache,
     save_cache,
-    to_tensor,
 )
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -37,6 +37,7 @@ import torch
 from pydantic import Field
 
 from meddino.config import Schema
+from meddino.devices import autocast, pick_device
 from meddino.errors import ConfigError
 from meddino.profile.timing import count_params, latency_stats, machine_info, synchronize, time_calls
 
@@ -69,14 +70,6 @@ class ProfileConfig(Schema):
     pretrain: PretrainProfileConfig = PretrainProfileConfig()
 
 
-def pick_device(pref: str) -> torch.device:
-    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("device=cuda but no CUDA device is available (use auto or cpu)")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def parse_heads(spec: str) -> list[str]:
     """``all`` -> every head; otherwise a comma-separated subset of backbone + :data:`HEADS`."""
     names = [h.strip() for h in spec.split(",") if h.strip()]
@@ -92,9 +85,7 @@ def parse_heads(spec: str) -> list[str]:
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16" and device.type != "cuda":
         raise ConfigError("precision=bf16 needs CUDA (CPU runs in fp32)")
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return autocast(device, enabled=precision in ("auto", "bf16"))
 
 
 def build_head(name: str, backbone: torch.nn.Module, cfg: ProfileConfig) -> tuple[torch.nn.Module, Any]:

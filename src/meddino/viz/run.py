@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from meddino.config import Schema
 from meddino.errors import ConfigError, DataError
@@ -44,14 +43,13 @@ def list_images(paths: list[str], limit: int) -> list[Path]:
 def load_batch(paths: list[Path], size: int, mean, std) -> tuple[torch.Tensor, list[np.ndarray]]:
     """Images -> (normalised [B,3,size,size] tensor, the resized uint8 RGB images for display)."""
     from meddino.data.io import read_image
+    from meddino.data.transforms import to_tensor
 
     tensors, shown = [], []
     for path in paths:
-        rgb = read_image(path)
-        t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
-        t = F.interpolate(t, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-        shown.append((t[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
-        tensors.append((t[0] - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])
+        unit = to_tensor(read_image(path), size, (0.0,) * 3, (1.0,) * 3)  # resized, in [0, 1]
+        shown.append((unit.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        tensors.append((unit - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
     return torch.stack(tensors), shown
 
 

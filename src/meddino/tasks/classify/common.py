@@ -11,7 +11,8 @@ from torch import nn
 from meddino.data.manifest import Manifest, read_manifest
 from meddino.errors import ConfigError
 from meddino.tasks.classify.config import ClassifyConfig
-from meddino.tasks.classify.embed import EmbeddingCache, embed_manifest, load_cache, resolve_device, save_cache
+from meddino.devices import pick_device
+from meddino.tasks.classify.embed import EmbeddingCache, embed_manifest, load_cache, save_cache
 
 
 def load_manifest(cfg: ClassifyConfig, check_files: bool = True) -> Manifest:
@@ -44,7 +45,7 @@ def model_name(cfg: ClassifyConfig, meta: dict[str, Any] | None = None) -> str:
 def compute_cache(cfg: ClassifyConfig, out: Path, manifest: Manifest | None = None) -> EmbeddingCache:
     """Run the frozen backbone over the manifest and save the cache to ``out``."""
     m = manifest if manifest is not None else load_manifest(cfg)
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)  # a random:<arch> baseline is the same network on every run
     backbone = load_backbone(cfg)
     feats = embed_manifest(backbone, m, cfg.data.img_size, batch_size=cfg.embed.batch_size,

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from meddino.data.manifest import Manifest
+from meddino.data.transforms import to_tensor
+from meddino.devices import autocast
 from meddino.errors import ConfigError, DataError
 from meddino.runlog import Progress, atomic_path, atomic_write, write_json
 
@@ -47,37 +49,6 @@ _SETS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------- devices
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f"device: cannot parse {spec!r} (auto, cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {spec} asked for but CUDA is not available")
-    return dev
-
-
-def autocast(device: torch.device) -> Any:
-    """bf16 autocast on CUDA, nothing on CPU (fp32), the same code path."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-# ------------------------------------------------------------------------------------------ preprocessing
-def to_tensor(rgb: np.ndarray, img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 (H, W, 3) -> normalised float [3, S, S] (bicubic, antialiased resize)."""
-    arr = np.ascontiguousarray(rgb)
-    if not arr.flags.writeable:  # e.g. a read-only view from a decoder: torch wants to own writable memory
-        arr = arr.copy()
-    x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
-    if x.shape[-2:] != (img_size, img_size):
-        x = F.interpolate(x[None], size=(img_size, img_size), mode="bicubic", align_corners=False,
-                          antialias=True)[0].clamp_(0.0, 1.0)
-    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
-    return (x - m) / s
 
 
 class ImageDataset(torch.utils.data.Dataset):

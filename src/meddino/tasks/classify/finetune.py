@@ -31,7 +31,8 @@ from torch import nn
 from meddino.data.manifest import Manifest
 from meddino.errors import ConfigError, DataError
 from meddino.runlog import Progress, RunDir
-from meddino.tasks.classify.embed import ImageDataset, autocast, check_img_size, resolve_device
+from meddino.devices import autocast, pick_device
+from meddino.tasks.classify.embed import ImageDataset, check_img_size
 from meddino.tasks.classify.frozen import class_scores, head_targets, output_dim
 from meddino.tasks.classify.results import (
     evaluate,
@@ -267,7 +268,7 @@ def run_finetune(cfg: Any, manifest: Manifest | None = None) -> int:
         raise DataError(f"manifest {m.source}: fine-tuning on 3D volumes is not supported; "
                         "use the frozen protocols (embed, knn, linear, fewshot)")
     units = make_units(m, need_val=True, scheme=cfg.data.scheme, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     model_display = model_name(cfg)
     targets = head_targets(m.labels, m.task)
     probe = build_model(cfg, m, torch.device("cpu"))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from meddino.devices import autocast
 from meddino.errors import CheckpointError, DataError
 from meddino.runlog import atomic_write
 from meddino.tasks.phase.data import iter_source_frames, resize_frame
@@ -79,7 +80,7 @@ class PhasePredictor:
         frame = torch.from_numpy(resize_frame(rgb, self.size)).to(self.device)
         x = frame.permute(2, 0, 1)[None].float().div_(255.0)
         x = (x - self.mean) / self.std
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.device):
             feat = self.backbone.forward_features(x)["cls"]
         logits = self.online.step(feat.float())
         return F.softmax(logits[0], dim=0).cpu()
@@ -96,7 +97,7 @@ def latency_summary(ms: list[float]) -> dict[str, float]:
 
 def run_predict(cfg: Any) -> int:
     """``meddino predict phase VIDEO --model RUN``: per-frame phase + latency, CSV and a JSON summary line."""
-    from meddino.tasks.phase.train import pick_device
+    from meddino.devices import pick_device
 
     device = pick_device(cfg.device)
     video = Path(cfg.video).expanduser()

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from meddino.devices import autocast, pick_device
 from meddino.errors import ConfigError, DataError
 from meddino.metrics.phase import pooled_f1_at_k, summarize, video_metrics
 from meddino.runlog import Progress, RunDir, atomic_path, atomic_write, track, write_json
@@ -45,19 +46,6 @@ MODEL_FORMAT = "meddino-phase"
 
 
 # ------------------------------------------------------------------------------------------- utilities
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda requested but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA, a no-op on CPU (fp32): the same code path on both."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def seed_everything(seed: int) -> None:
