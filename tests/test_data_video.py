@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,27 @@ def test_extract_frames_cli_folder_skips_bad_videos(cli, tmp_path: Path) -> None
     assert "skipped 1 undecodable" in result.stderr
     bad = cli("data", "extract-frames", src, f"out={out}", "fps=-1")
     assert bad.returncode == 2 and "fps" in bad.stderr
+
+
+def test_fill_gaps_repeats_frames_over_a_variable_frame_rate_gap(tmp_path: Path) -> None:
+    """Frames at 0, 1, 2 and 5 s: sampled at 1 fps, the 5-s frame also stands for 3 and 4 s with fill_gaps."""
+    import av
+    import numpy as np
+
+    path = tmp_path / "vfr.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for second in (0, 1, 2, 5):
+            img = np.full((32, 32, 3), second * 40, np.uint8)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = second * 1000, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    plain = [(i, round(t)) for i, t, _ in video.iter_video_frames(path, fps=1.0)]
+    filled = [(i, round(t), int(rgb.mean() / 40 + 0.5)) for i, t, rgb in video.iter_video_frames(path, 1.0, fill_gaps=True)]
+    assert plain == [(0, 0), (1, 1), (2, 2), (3, 5)]
+    assert filled == [(0, 0, 0), (1, 1, 1), (2, 2, 2), (3, 5, 5), (4, 5, 5), (5, 5, 5)]

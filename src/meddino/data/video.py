@@ -39,7 +39,7 @@ def _open(path: str | os.PathLike[str]):  # -> (container, stream)
     try:
         container = av.open(str(p))
     except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"undecodable video {p}: {_reason(exc)}") from None
+        raise DataError(f"video {p} cannot be decoded: {_reason(exc)}") from None
     if not container.streams.video:
         container.close()
         raise DataError(f"no video stream in {p}")
@@ -81,9 +81,13 @@ def sample_times(duration: float, fps: float) -> list[float]:
     return [k / fps for k in range(n)]
 
 
-def iter_video_frames(path: str | os.PathLike[str], fps: float = 1.0) -> Iterator[tuple[int, float, np.ndarray]]:
+def iter_video_frames(
+    path: str | os.PathLike[str], fps: float = 1.0, fill_gaps: bool = False
+) -> Iterator[tuple[int, float, np.ndarray]]:
     """Decode ``path`` front to back (no seeking) and yield ``(index, time_s, uint8 RGB (H, W, 3))`` at
     ``fps`` frames per second (see the module docstring for the rule). ``fps <= 0`` or None: every frame.
+    ``fill_gaps``: a gap in a variable-frame-rate stream repeats the next frame for every sampling time it
+    skipped, so that index k always means time k / fps (what per-frame annotations at ``fps`` need).
     An undecodable file (or one that yields no frame) raises DataError naming it."""
     import av
 
@@ -99,18 +103,21 @@ def iter_video_frames(path: str | os.PathLike[str], fps: float = 1.0) -> Iterato
                 continue
             if not every and t + _EPS < next_k / fps:
                 continue
-            yield index, t, frame.to_ndarray(format="rgb24")
-            index += 1
+            rgb = frame.to_ndarray(format="rgb24")
+            last_k = math.floor(t * fps + _EPS) if not every else next_k
+            for _ in range(last_k - next_k + 1 if fill_gaps and not every else 1):
+                yield index, t, rgb
+                index += 1
             if not every:
-                next_k = math.floor(t * fps + _EPS) + 1  # the next wanted time strictly after this frame
+                next_k = last_k + 1  # the next wanted time strictly after this frame
     except av.FFmpegError as exc:
         if index == 0:
-            raise DataError(f"undecodable video {path}: {_reason(exc)}") from None
+            raise DataError(f"video {path} cannot be decoded: {_reason(exc)}") from None
         return  # a truncated tail: keep what decoded
     finally:
         container.close()
     if index == 0:
-        raise DataError(f"no decodable frame in video {path}")
+        raise DataError(f"video {path} cannot be decoded: no frames")
 
 
 def read_frame_at(path: str | os.PathLike[str], time_s: float) -> np.ndarray:

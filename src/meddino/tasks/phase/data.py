@@ -392,38 +392,12 @@ def _reason(exc: BaseException) -> str:
 
 
 def iter_video_frames(path: Path, fps: float) -> Iterator[np.ndarray]:
-    """Decode ``path`` with PyAV and yield RGB uint8 [H, W, 3] frames at ``fps`` (see module docstring).
+    """RGB uint8 frames of ``path`` at ``fps``; frame i is the first decoded frame at or after time i / fps
+    (gaps in variable-frame-rate streams repeat it), so indices line up with annotations at ``fps``."""
+    from meddino.data.video import iter_video_frames as decode
 
-    Keeps the first decoded frame at or after each sampling time; a gap in a variable-frame-rate stream
-    repeats the frame so that index i always means time i / fps.
-    """
-    import av
-
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError, ValueError) as exc:
-        raise DataError(f"video {path} cannot be decoded: {_reason(exc)}") from None
-    with container:
-        if not container.streams.video:
-            raise DataError(f"video {path} has no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        rate = float(stream.average_rate or stream.guessed_rate or 25)
-        t0 = None
-        i = 0
-        try:
-            for k, frame in enumerate(container.decode(stream)):
-                t = frame.time if frame.time is not None else k / rate
-                t0 = t if t0 is None else t0
-                rgb = None
-                while (t - t0) + 1e-6 >= i / fps:
-                    rgb = frame.to_ndarray(format="rgb24") if rgb is None else rgb
-                    yield rgb
-                    i += 1
-        except (av.FFmpegError, OSError, ValueError) as exc:
-            raise DataError(f"video {path} cannot be decoded at frame {i}: {_reason(exc)}") from None
-    if i == 0:
-        raise DataError(f"video {path} cannot be decoded: no frames")
+    for _, _, rgb in decode(path, fps, fill_gaps=True):
+        yield rgb
 
 
 def frame_files(folder: Path) -> list[Path]:
