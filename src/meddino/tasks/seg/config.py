@@ -1,0 +1,121 @@
+"""Typed config of ``meddino eval seg`` and ``meddino predict seg`` (validated before any work starts)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from meddino.config import Schema
+
+HEADS = ("linear", "unet", "eomt", "monai_unet")
+
+#: Seed 000 leaves out CholecSeg8k's low-prevalence classes (names as in :data:`.data.CHOLECSEG8K_CLASSES`).
+SEED000_EXCLUDED = ["blood", "cystic duct", "hepatic vein", "liver ligament"]
+
+
+class SegDataConfig(Schema):
+    """Where the image/mask pairs come from and how they are split."""
+
+    layout: Literal["manifest", "cholecseg8k", "msd"] = "manifest"
+    manifest: str | None = None  # CSV with image, mask, patient (and optional split) columns
+    root: str | None = None  # folder of the cholecseg8k / msd layouts
+    classes: list[str] | None = None  # class names, index = position (manifest layout; msd: from dataset.json)
+    colors: list[list[int]] | None = None  # manifest: RGB colour of each class for colour-coded masks
+    ignore_index: int = 255
+    exclude_classes: list[str] = Field(default_factory=lambda: list(SEED000_EXCLUDED))  # cholecseg8k only
+    excluded_to: Literal["background", "ignore"] = "background"
+    split_column: str | None = None  # manifest column with train / val / test; else patient-level k-fold
+    fold_column: str | None = None  # manifest column with a fold number per row (fixed folds)
+    folds: int = Field(5, ge=2)
+    run_folds: list[int] | None = None  # evaluate only these folds (0-based); default all
+    val_fraction: float = Field(0.125, ge=0.0, lt=1.0)  # of each fold's training patients, for model selection
+    image_size: int | list[int] | None = None  # network input (bicubic); None = the backbone's pretraining size
+    window: str | list[float] | None = None  # volumes: window preset or [center, width]; default percentiles
+    max_items: int | None = Field(None, ge=1)  # cap on images / volumes read (quick trials)
+
+    @model_validator(mode="after")
+    def _check(self) -> SegDataConfig:
+        if self.layout == "manifest" and not self.manifest:
+            raise ValueError("data.manifest is required for the manifest layout (or set data.layout=cholecseg8k|msd)")
+        if self.layout != "manifest" and not self.root:
+            raise ValueError(f"data.root is required for data.layout={self.layout}")
+        if self.split_column and self.fold_column:
+            raise ValueError("data.split_column and data.fold_column exclude each other")
+        if self.layout != "manifest" and (self.split_column or self.fold_column):
+            raise ValueError("data.split_column / data.fold_column need the manifest layout")
+        if not 0 <= self.ignore_index <= 255:
+            raise ValueError("data.ignore_index must be in 0..255 (masks are 8-bit)")
+        return self
+
+
+class EoMTConfig(Schema):
+    """EoMT (Kerssies et al., CVPR 2025) as summarised in shared/reference/downstream.md."""
+
+    num_queries: int = Field(100, ge=1)
+    num_blocks: int | None = Field(None, ge=1)  # L2; None: 3 for S/B (depth <= 12), 4 for L (24), 5 for g (40)
+    mask_annealing: bool = True
+    anneal_power: float = 0.9
+    num_points: int = Field(12544, ge=16)
+    oversample_ratio: float = Field(3.0, ge=1.0)
+    importance_ratio: float = Field(0.75, ge=0.0, le=1.0)
+    no_object_weight: float = 0.1
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    class_weight: float = 2.0
+    head_warmup_steps: int = Field(500, ge=0)  # heads alone (backbone lr 0)
+    backbone_warmup_steps: int = Field(1000, ge=0)  # then the backbone lr ramps up linearly
+
+
+class SegTrainConfig(Schema):
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)  # heads
+    backbone_lr: float = Field(1e-5, ge=0)  # used when the encoder is trainable
+    weight_decay: float = Field(0.05, ge=0)
+    plateau_patience: int = Field(10, ge=1)  # epochs without val improvement before the lr is halved
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    early_stop: int = Field(15, ge=1)  # epochs without val improvement before stopping
+    augment: bool = True  # flips + rotations, p 0.5 each (seed 000)
+    rotation_degrees: float = Field(30.0, ge=0, le=180)  # rotation angle range (+/-)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    num_workers: int = Field(0, ge=0)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast on CUDA
+
+
+class SegConfig(Schema):
+    """``meddino eval seg``: train a head per fold, evaluate on the held-out patients."""
+
+    backbone: str = "random:dinov2_tiny"  # checkpoint path | random:<arch> | timm:<name>[@weights]
+    model_name: str | None = None  # display name in results.json (default: the backbone spec)
+    head: Literal["linear", "unet", "eomt", "monai_unet"] = "linear"
+    freeze_backbone: bool = True
+    unet_blocks: list[int] | None = None  # four 0-based block indices (default evenly spaced, last included)
+    monai_channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
+    eomt: EoMTConfig = Field(default_factory=EoMTConfig)
+    data: SegDataConfig
+    train: SegTrainConfig = Field(default_factory=SegTrainConfig)
+    dataset_name: str | None = None  # display name (default: layout + folder / manifest name)
+    save_predictions: bool = True  # predicted masks of the test folds under predictions/masks
+    seed: int = 0
+    out: str = "runs/seg"
+
+    @model_validator(mode="after")
+    def _check(self) -> SegConfig:
+        if self.unet_blocks is not None and len(self.unet_blocks) != 4:
+            raise ValueError("unet_blocks must list exactly four block indices")
+        return self
+
+
+class SegPredictConfig(Schema):
+    """``meddino predict seg --model RUN_DIR INPUT out=DIR``."""
+
+    model: str  # run folder of `meddino eval seg` (or its model/ folder)
+    input: str  # image file, folder of images, or a volume (.nii/.nii.gz/.nrrd/.mha)
+    out: str = "predictions"
+    fold: int | None = None  # which fold's model (default: best validation Dice)
+    overlay_alpha: float = Field(0.5, ge=0, le=1)
+    window: str | list[float] | None = None
+    batch_size: int = Field(8, ge=1)
+    device: str = "auto"

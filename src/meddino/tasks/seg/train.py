@@ -1,0 +1,360 @@
+"""``meddino eval seg``: per fold, train a head, keep the best-on-validation copy, evaluate the test patients.
+
+Training (seed 000 / seed 001):
+
+- AdamW; heads at ``train.lr``, a trainable encoder at ``train.backbone_lr`` (seed 000: 1e-5).
+- After every epoch, the mean foreground Dice on the validation patients (classes averaged per image,
+  class absent in both prediction and ground truth not counted) decides: a better value saves a real copy
+  of the weights (``copy.deepcopy`` of the state dict on the CPU, not a reference to the live tensors);
+  ``train.plateau_patience`` epochs without improvement halve the learning rates (the semantics of
+  ``torch.optim.lr_scheduler.ReduceLROnPlateau(mode="max", factor=0.5, threshold=0)``, kept in our own
+  scale so that it composes with EoMT's warm-up); ``train.early_stop`` epochs without improvement stop.
+- Augmentation: horizontal flip, vertical flip, rotation, p 0.5 each (:func:`.data.augment`).
+- Linear / U-Net / MONAI U-Net: per-pixel cross-entropy with ``ignore_index``. EoMT: the Mask2Former loss
+  (:class:`.eomt.MaskClassificationLoss`) with deep supervision and mask annealing over the planned training
+  steps (``epochs x steps per epoch``); two-stage warm-up: the heads train alone for
+  ``eomt.head_warmup_steps`` (encoder lr 0), then the encoder lr ramps up linearly over
+  ``eomt.backbone_warmup_steps``. Validation and test always run the plain (unmasked) forward pass, so if
+  early stopping ends training before the annealing has finished, the kept model is still the one that
+  performs best as a plain ViT.
+
+Evaluation: the test patients' images (2-D) or volumes (slices predicted and stacked) at native resolution,
+:func:`meddino.metrics.segmentation.per_class_seg_metrics` per image / volume (HD95 in pixels for 2-D
+frames, in mm with the volume spacing), :func:`~meddino.metrics.segmentation.aggregate_seg` (classes per
+patient, then patients) over all folds' test patients -- each patient is tested exactly once.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from meddino.devices import autocast, pick_device
+from meddino.errors import ConfigError, DataError
+from meddino.tasks.seg.config import SegConfig
+from meddino.tasks.seg.data import FrameDataset, SegCase, SegData, load_seg_data, make_folds, read_case, scan
+from meddino.tasks.seg.heads import SegmentationModel
+from meddino.tasks.seg.predict import (
+    model_meta,
+    predict_frames,
+    save_fold_model,
+    volume_mask_name,
+    write_png_mask,
+    write_volume_mask,
+)
+
+ROW_FIELDS = ("image", "patient", "fold", "class", "dice", "jaccard", "hd95", "gt_present", "pred_present")
+
+
+class PlateauScale:
+    """Multiplicative lr scale, reduced exactly as ``torch.optim.lr_scheduler.ReduceLROnPlateau(mode="max",
+    factor, patience, threshold=0, cooldown=0)`` would: after more than ``patience`` consecutive epochs
+    without improvement the scale is multiplied by ``factor`` and the count restarts."""
+
+    def __init__(self, patience: int, factor: float = 0.5):
+        self.patience, self.factor = patience, factor
+        self.scale, self.best, self.bad = 1.0, -math.inf, 0
+
+    def step(self, value: float) -> float:
+        if value > self.best:
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+            if self.bad > self.patience:
+                self.scale *= self.factor
+                self.bad = 0
+        return self.scale
+
+
+def backbone_warmup(step: int, head_steps: int, ramp_steps: int) -> float:
+    """EoMT's two-stage warm-up factor of the encoder lr: 0 while the heads train alone, then a linear ramp."""
+    if step < head_steps:
+        return 0.0
+    if ramp_steps <= 0:
+        return 1.0
+    return min(1.0, (step - head_steps + 1) / ramp_steps)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: SegConfig, num_classes: int) -> tuple[SegmentationModel, tuple[int, int], tuple, tuple]:
+    """(model, input size (h, w), mean, std) for the config."""
+    from meddino.models import resolve_backbone
+
+    backbone = None
+    if cfg.head != "monai_unet":
+        backbone = resolve_backbone(cfg.backbone)
+    eomt = {"num_queries": cfg.eomt.num_queries, "num_blocks": cfg.eomt.num_blocks} if cfg.head == "eomt" else None
+    model = SegmentationModel(backbone, cfg.head, num_classes, freeze_backbone=cfg.freeze_backbone,
+                              unet_blocks=cfg.unet_blocks, eomt=eomt, monai_channels=cfg.monai_channels)
+    if cfg.data.image_size is not None:
+        s = cfg.data.image_size
+        size = (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
+    elif backbone is not None:
+        size = (int(backbone.img_size), int(backbone.img_size))
+    else:
+        size = (224, 224)
+    mult = model.input_multiple
+    if size[0] % mult or size[1] % mult:
+        raise ConfigError(f"data.image_size {list(size)} must be a multiple of {mult} for head={cfg.head}"
+                          + (f" on {cfg.backbone}" if backbone is not None else ""))
+    if backbone is not None:
+        mean, std = tuple(backbone.mean), tuple(backbone.std)
+    else:
+        from meddino.models.backbone import IMAGENET_MEAN, IMAGENET_STD
+
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    return model, size, mean, std
+
+
+def foreground_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Per image: mean over foreground classes of Dice (NaN for a class absent in both); [B] (may hold NaN)."""
+    valid = target != ignore_index
+    values = []
+    for c in range(1, num_classes):
+        p = (pred == c) & valid
+        g = (target == c) & valid
+        inter = (p & g).flatten(1).sum(1).float()
+        denom = (p.flatten(1).sum(1) + g.flatten(1).sum(1)).float()
+        values.append(torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.full_like(denom, float("nan"))))
+    if not values:
+        return torch.full((pred.shape[0],), float("nan"))
+    return torch.nanmean(torch.stack(values, 1), dim=1)
+
+
+@torch.no_grad()
+def validate(model: SegmentationModel, loader: torch.utils.data.DataLoader, num_classes: int, ignore_index: int,
+             device: torch.device, amp: bool) -> float:
+    model.eval()
+    scores = []
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with autocast(device, enabled=amp):
+            pred = model.class_scores(x).argmax(1)
+        scores.append(foreground_dice(pred, y, num_classes, ignore_index).cpu())
+    vals = torch.cat(scores)
+    vals = vals[~torch.isnan(vals)]
+    return float(vals.mean()) if vals.numel() else 0.0
+
+
+def _cases(data: SegData, patients: list[str]) -> list[SegCase]:
+    keep = set(patients)
+    return [c for c in data.cases if c.patient in keep]
+
+
+def train_fold(cfg: SegConfig, data: SegData, fold: Any, run: Any, device: torch.device, fold_seed: int
+               ) -> tuple[SegmentationModel, dict[str, Any], tuple[int, int], tuple, tuple]:
+    from meddino.runlog import Progress
+
+    seed_everything(fold_seed)
+    model, size, mean, std = build_model(cfg, data.num_classes)
+    model.to(device)
+    tc = cfg.train
+    train_ds = FrameDataset(data, _cases(data, fold.train), size, mean, std, train=tc.augment, seed=fold_seed,
+                            rotation_degrees=tc.rotation_degrees)
+    val_ds = FrameDataset(data, _cases(data, fold.val), size, mean, std, train=False)
+    if len(train_ds) == 0:
+        raise DataError(f"fold {fold.index}: no training images")
+    gen = torch.Generator().manual_seed(fold_seed)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, generator=gen,
+                                         num_workers=tc.num_workers, drop_last=len(train_ds) > tc.batch_size,
+                                         persistent_workers=False)
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=tc.batch_size, shuffle=False,
+                                             num_workers=tc.num_workers)
+    head_params, enc_params = model.trainable_groups()
+    groups = [{"params": head_params, "lr": tc.lr, "base_lr": tc.lr, "kind": "head"}]
+    if enc_params:
+        groups.append({"params": enc_params, "lr": tc.backbone_lr, "base_lr": tc.backbone_lr, "kind": "backbone"})
+    opt = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
+    steps_per_epoch = len(loader) if tc.max_steps_per_epoch is None else min(len(loader), tc.max_steps_per_epoch)
+    total_steps = max(1, tc.epochs * steps_per_epoch)
+    amp = tc.amp and device.type == "cuda"
+    eomt = cfg.head == "eomt"
+    criterion = None
+    if eomt:
+        from meddino.tasks.seg.eomt import MaskClassificationLoss, mask_annealing_probs
+
+        e = cfg.eomt
+        criterion = MaskClassificationLoss(
+            data.num_classes, data.ignore_index, num_points=e.num_points, oversample_ratio=e.oversample_ratio,
+            importance_ratio=e.importance_ratio, no_object_weight=e.no_object_weight, mask_weight=e.mask_weight,
+            dice_weight=e.dice_weight, class_weight=e.class_weight).to(device)
+    plateau = PlateauScale(tc.plateau_patience, tc.plateau_factor)
+    best, best_epoch, best_state, since_best = -math.inf, -1, None, 0
+    step = 0
+    t0 = time.perf_counter()
+    with Progress(total_steps, f"fold {fold.index} train", unit="step") as bar:
+        for epoch in range(tc.epochs):
+            train_ds.set_epoch(epoch)
+            model.train()
+            losses = []
+            for i, (x, y) in enumerate(loader):
+                if i >= steps_per_epoch:
+                    break
+                for g in opt.param_groups:
+                    factor = plateau.scale
+                    if eomt and g["kind"] == "backbone":
+                        factor *= backbone_warmup(step, cfg.eomt.head_warmup_steps, cfg.eomt.backbone_warmup_steps)
+                    g["lr"] = g["base_lr"] * factor
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, enabled=amp):
+                    if eomt:
+                        probs = (mask_annealing_probs(step / total_steps, model.head.num_blocks, cfg.eomt.anneal_power)
+                                 if cfg.eomt.mask_annealing else None)
+                        out = model(x, attn_probs=probs, deep_supervision=True)
+                    else:
+                        out = model(x)
+                if eomt:
+                    parts = criterion(out, y)
+                    loss = parts["loss"]
+                else:
+                    loss = F.cross_entropy(out.float(), y, ignore_index=data.ignore_index)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"fold {fold.index} step {step}: loss is {loss.item()}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                step += 1
+                bar.advance(1, loss=losses[-1])
+            val_dice = validate(model, val_loader, data.num_classes, data.ignore_index, device, amp) if len(val_ds) else 0.0
+            lrs = {f"lr_{g['kind']}": g["lr"] for g in opt.param_groups}
+            run.log(step, fold=fold.index, epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),
+                    val_dice=val_dice, **lrs)
+            if val_dice > best:
+                best, best_epoch, since_best = val_dice, epoch, 0
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            else:
+                since_best += 1
+            plateau.step(val_dice)
+            if since_best >= tc.early_stop:
+                break
+    model.load_state_dict(best_state)
+    info = {"best_val_dice": best, "best_epoch": best_epoch, "epochs_run": epoch + 1, "steps": step,
+            "train_seconds": round(time.perf_counter() - t0, 2)}
+    return model, info, size, mean, std
+
+
+def evaluate_fold(model: SegmentationModel, data: SegData, cases: list[SegCase], fold: int, size: tuple[int, int],
+                  mean: tuple, std: tuple, device: torch.device, batch_size: int, amp: bool,
+                  mask_dir: Path | None) -> list[dict[str, Any]]:
+    """Per-image (per-volume), per-class metric rows of the test cases."""
+    from meddino.metrics.segmentation import per_class_seg_metrics
+    from meddino.runlog import Progress
+
+    rows: list[dict[str, Any]] = []
+    with Progress(len(cases), f"fold {fold} test", unit="case") as bar:
+        for case in cases:
+            loaded = read_case(data, case)
+            pred = predict_frames(model, loaded.image, size, mean, std, device, batch_size, amp)
+            volume = case.kind == "volume"
+            p, g = (pred, loaded.mask) if volume else (pred[0], loaded.mask[0])
+            metrics = per_class_seg_metrics(p, g, data.num_classes, ignore_index=data.ignore_index,
+                                            spacing=loaded.spacing if volume else None)
+            for r in metrics:
+                rows.append({"image": case.id, "patient": case.patient, "fold": fold,
+                             "class": data.classes[int(r["class"])], **{k: r[k] for k in ROW_FIELDS[4:]}})
+            if mask_dir is not None:
+                safe = case.id.replace("/", "__")
+                if volume:
+                    write_volume_mask(mask_dir / volume_mask_name(case.image), p, case.image)
+                else:
+                    write_png_mask(mask_dir / (safe.rsplit(".", 1)[0] + ".png"), p)
+            bar.advance(1)
+    return rows
+
+
+def _summary(agg: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for m, v in agg.items():
+        out[m] = {"mean": v["mean"], "std": v["std"], "n": v["n"],
+                  "values": {str(k): val for k, val in v["values"].items()},
+                  "per_class": {str(k): val for k, val in v["per_class"].items()}}
+    return out
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    from meddino.runlog import atomic_write
+
+    with atomic_write(path, "w") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(ROW_FIELDS))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def run_eval_seg(cfg: SegConfig) -> int:
+    from meddino.metrics.segmentation import aggregate_seg
+    from meddino.runlog import RunDir, write_json
+
+    device = pick_device(cfg.train.device)
+    data = load_seg_data(cfg.data, check=False)  # cases and classes only
+    build_model(cfg, data.num_classes)  # backbone, head and input size are checked before the slow mask scan
+    scan(data)
+    folds = make_folds(data, cfg.data, cfg.seed)
+    run = RunDir(cfg.out, cfg, tensorboard=False)
+    amp = cfg.train.amp and device.type == "cuda"
+    all_rows: list[dict[str, Any]] = []
+    fold_results = []
+    meta: dict[str, Any] | None = None
+    for fold in folds:
+        model, info, size, mean, std = train_fold(cfg, data, fold, run, device, cfg.seed + 1000 * fold.index)
+        if meta is None:
+            eomt = cfg.eomt.model_dump() if cfg.head == "eomt" else None
+            if eomt is not None:
+                eomt["num_blocks"] = model.head.num_blocks
+            meta = model_meta(model, data.classes, size, mean, std, data.ignore_index, data.name,
+                              window=cfg.data.window, eomt=eomt, monai_channels=cfg.monai_channels)
+            meta["params_total"] = sum(p.numel() for p in model.parameters())
+            meta["params_trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        save_fold_model(run.path / "model", model, meta, fold.index, info)
+        mask_dir = run.path / "predictions" / "masks" / f"fold{fold.index}" if cfg.save_predictions else None
+        test_cases = _cases(data, fold.test)
+        rows = evaluate_fold(model, data, test_cases, fold.index, size, mean, std, device,
+                             cfg.train.batch_size, amp, mask_dir)
+        all_rows.extend(rows)
+        agg = aggregate_seg(rows)
+        fold_results.append({"fold": fold.index, "train": fold.train, "val": fold.val, "test": fold.test, **info,
+                             "metrics": {m: {"mean": v["mean"], "std": v["std"], "n": v["n"]} for m, v in agg.items()}})
+        run.log(info["steps"], fold=fold.index, **{f"test_{m}": v["mean"] for m, v in agg.items()})
+    if not all_rows:
+        raise DataError("no test rows were produced (every test image had only ignored pixels?)")
+    write_rows(run.path / "predictions" / "per_image_class.csv", all_rows)
+    agg = _summary(aggregate_seg(all_rows))
+    results = {
+        "task": "segmentation",
+        "protocol": cfg.head,
+        "model": cfg.model_name or (cfg.backbone if cfg.head != "monai_unet" else "monai_unet (from scratch)"),
+        "dataset": cfg.dataset_name or data.name,
+        "level": "patient",
+        "metrics": agg,
+        "hd95_unit": "mm" if data.volumetric else "pixel",
+        "classes": data.classes,
+        "frozen_backbone": cfg.freeze_backbone if cfg.head != "monai_unet" else None,
+        "input_size": list(meta["input_size"]) if meta else None,
+        "params_total": meta.get("params_total") if meta else None,
+        "params_trainable": meta.get("params_trainable") if meta else None,
+        "n_patients": len({r["patient"] for r in all_rows}),
+        "n_images": len({r["image"] for r in all_rows}),
+        "folds": fold_results,
+    }
+    write_json(run.path / "results.json", results)
+    run.close()
+    d, h = agg["dice"], agg["hd95"]
+    print(f"{results['model']} {cfg.head} on {results['dataset']}: Dice {d['mean']:.4f} +/- {d['std']:.4f}, "
+          f"Jaccard {agg['jaccard']['mean']:.4f}, HD95 {h['mean']:.2f} {results['hd95_unit']} "
+          f"({results['n_patients']} patients, {len(folds)} fold(s)) -> {run.path / 'results.json'}")
+    return 0
