@@ -359,7 +359,7 @@ def load_backbone(
 
     sidecar = _export_sidecar(path)
     if sidecar is not None:
-        return _load_export(path, sidecar, img_size, drop_path_rate)
+        return _load_export(path, sidecar, img_size, drop_path_rate, verbose)
     if path.is_dir():
         from meddino.models.hf import load_hf_folder
 
@@ -427,7 +427,9 @@ def _export_sidecar(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def _load_export(path: Path, meta: dict[str, Any], img_size: int | None, drop_path_rate: float) -> nn.Module:
+def _load_export(
+    path: Path, meta: dict[str, Any], img_size: int | None, drop_path_rate: float, verbose: bool = False
+) -> nn.Module:
     from meddino.models.factory import build_from_timm, build_timm_backbone
 
     weights = Path(meta["_weights"])
@@ -446,6 +448,8 @@ def _load_export(path: Path, meta: dict[str, Any], img_size: int | None, drop_pa
     if meta.get("mask_token") is not None:
         _set_mask_token(backbone, torch.tensor(meta["mask_token"], dtype=torch.float32), weights)
     backbone.load_report = LoadReport(str(weights), "meddino export", [], resampled)
+    if verbose:
+        print(backbone.load_report.summary(), file=sys.stderr)
     return backbone
 
 

@@ -108,4 +108,4 @@ def resolve_backbone(spec: str, img_size: int | None = None, drop_path_rate: flo
     path = Path(spec).expanduser()
     if not path.exists():
         raise CheckpointError(f"backbone checkpoint not found: {path} (or use random:<arch> / timm:<name>)")
-    return load_backbone(path, img_size=img_size, drop_path_rate=drop_path_rate)
+    return load_backbone(path, img_size=img_size, drop_path_rate=drop_path_rate, verbose=True)
