@@ -1,0 +1,267 @@
+"""The ``meddino pretrain`` config schema: one pydantic model with nested sections, validated up front.
+
+Version-dependent defaults (centering, KoLeo weight, iBOT, clipping style, temperature schedule, blur
+quirk, lr scaling rule) are filled in from ``method.version`` before validation when a recipe leaves them
+out, so the ``config.yaml`` written into the run folder always shows the concrete values that ran.
+Impossible combinations fail with one line naming the key; questionable ones (Sinkhorn with v1) warn.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from meddino.config import Schema
+
+Version = Literal["v1", "v2", "v3"]
+
+# Per-version defaults for keys a recipe may leave out (None in the schema = "the version's default").
+_VERSION_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "v1": {
+        "method": {"centering": "ema", "koleo_weight": 0.0},
+        "method.ibot": {"enabled": False},
+        "crops": {"blur_quirk": False, "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4]},
+        "optim": {"lr_scaling": "linear256", "clip_per_param": True, "teacher_temp_per_epoch": True,
+                  "layer_decay": 1.0, "patch_embed_lr_mult": 1.0},
+    },
+    "v2": {
+        "method": {"centering": "ema", "koleo_weight": 0.1},
+        "method.ibot": {"enabled": True},
+        "crops": {"blur_quirk": True, "global_scale": [0.32, 1.0], "local_scale": [0.05, 0.32]},
+        "optim": {"lr_scaling": "sqrt1024", "clip_per_param": False, "teacher_temp_per_epoch": False,
+                  "layer_decay": 0.9, "patch_embed_lr_mult": 0.2},
+    },
+    "v3": {
+        "method": {"centering": "sinkhorn", "koleo_weight": 0.1},
+        "method.ibot": {"enabled": True},
+        "crops": {"blur_quirk": True, "global_scale": [0.32, 1.0], "local_scale": [0.05, 0.32]},
+        "optim": {"lr_scaling": "sqrt1024", "clip_per_param": False, "teacher_temp_per_epoch": False,
+                  "layer_decay": 0.9, "patch_embed_lr_mult": 0.2},
+    },
+}
+
+
+class IbotConfig(Schema):
+    """iBOT masked-patch objective (v2/v3)."""
+
+    enabled: bool | None = None
+    weight: float = Field(1.0, ge=0)
+    separate_head: bool | None = None  # v2: shared by default; v3: always separate
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    mask_probability: float = Field(0.5, ge=0, le=1)
+
+
+class GramConfig(Schema):
+    """DINOv3 Gram anchoring against a frozen Gram teacher (the starting backbone by default)."""
+
+    enabled: bool = False
+    weight: float = Field(1.0, ge=0)
+    img_level: bool = False
+    remove_neg: bool = False
+    refresh_every: int | None = Field(None, ge=1)  # copy the EMA teacher into the Gram teacher every N its
+    max_refreshes: int | None = Field(None, ge=0)
+
+
+class MethodConfig(Schema):
+    version: Version
+    centering: Literal["ema", "sinkhorn"] | None = None
+    center_momentum: float = Field(0.9, ge=0, le=1)
+    sinkhorn_iterations: int = Field(3, ge=1)
+    student_temp: float = Field(0.1, gt=0)
+    koleo_weight: float | None = Field(None, ge=0)
+    local_crop_weight: float = Field(1.0, ge=0)
+    ibot: IbotConfig = IbotConfig()
+    gram: GramConfig = GramConfig()
+
+
+class HeadConfig(Schema):
+    out_dim: int = Field(65536, ge=2)
+    hidden_dim: int = Field(2048, ge=1)
+    bottleneck_dim: int = Field(256, ge=1)
+    nlayers: int = Field(3, ge=1)
+    norm_last_layer: bool = True
+    ibot_out_dim: int | None = None  # separate iBOT head sizes (default: the DINO head's)
+
+
+class ModelConfig(Schema):
+    arch: str
+    img_size: int | None = None  # grid of the stored position embeddings; default the global crop size
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    head: HeadConfig = HeadConfig()
+
+
+class DataConfig(Schema):
+    path: str | None = None
+    kind: Literal["auto", "image", "dicom", "video", "volume"] = "auto"  # auto: every kind found, by extension
+    fps: float = Field(1.0, gt=0)
+    volume_axes: list[int] = [0]
+    window: str | tuple[float, float] | None = None
+    num_workers: int = Field(4, ge=0)
+    batch_size: int = Field(64, ge=1)  # per process
+
+
+class CropsConfig(Schema):
+    global_size: int = Field(224, ge=8)
+    local_size: int = Field(96, ge=8)
+    global_scale: tuple[float, float] | None = None
+    local_scale: tuple[float, float] | None = None
+    n_local: int = Field(8, ge=0)
+    blur_quirk: bool | None = None  # v2/v3 released models were trained with blur p 0.0 / 0.9 / 0.5
+
+
+class OptimConfig(Schema):
+    lr: float = Field(5e-4, ge=0)  # base lr, scaled by the GLOBAL batch with lr_scaling
+    lr_scaling: Literal["linear256", "sqrt1024", "none"] | None = None
+    warmup_epochs: float = Field(10, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
+    weight_decay: float = Field(0.04, ge=0)
+    weight_decay_end: float = Field(0.4, ge=0)
+    momentum: float = Field(0.996, ge=0, le=1)
+    momentum_end: float = Field(1.0, ge=0, le=1)
+    teacher_temp_start: float = Field(0.04, gt=0)
+    teacher_temp: float = Field(0.04, gt=0)
+    teacher_temp_warmup_epochs: float = Field(0, ge=0)
+    teacher_temp_per_epoch: bool | None = None  # v1 changes it once per epoch, v2/v3 every iteration
+    layer_decay: float | None = Field(None, gt=0, le=1)
+    patch_embed_lr_mult: float | None = Field(None, ge=0)
+    clip_grad: float = Field(3.0, ge=0)  # 0 disables
+    clip_per_param: bool | None = None  # v1 per parameter, v2/v3 global norm per sub-model
+    freeze_last_layer_epochs: float = Field(1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class TrainConfig(Schema):
+    iterations: int = Field(1000, ge=1)
+    # Stop (with a checkpoint) after this iteration although the schedules run to `iterations`: a
+    # time-boxed cluster job that is continued later with resume=auto (and the kill-and-resume tests).
+    stop_at: int | None = Field(None, ge=1)
+    epoch_length: int | None = Field(None, ge=1)  # v2/v3: 1250; None = one pass over the data (v1)
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_last: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    fsdp: bool = False
+
+
+class HeadWarmupConfig(Schema):
+    """Continued pretraining (FINO recipe): frozen backbone, then a linear lr ramp."""
+
+    frozen_iters: int = Field(0, ge=0)
+    ramp_iters: int = Field(0, ge=0)
+    backbone_lr: float | None = Field(None, ge=0)  # constant backbone lr after the ramp (None = schedule)
+
+
+class MonitorConfig(Schema):
+    manifest: str | None = None  # CSV with image,label[,split]
+    every: int = Field(0, ge=0)  # 0 = off
+    k: int = Field(20, ge=1)
+    temperature: float = Field(0.07, gt=0)
+    val_fraction: float = Field(0.5, gt=0, lt=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class PretrainConfig(Schema):
+    method: MethodConfig
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    crops: CropsConfig = CropsConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    head_warmup: HeadWarmupConfig = HeadWarmupConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    init: str | None = None
+    out: str = "runs/pretrain"
+    resume: str | None = None  # null | auto | checkpoint path
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version_defaults(cls, data: Any) -> Any:
+        """Fill keys left out (or null) with the defaults of ``method.version``."""
+        if not isinstance(data, dict):
+            return data
+        version = (data.get("method") or {}).get("version") if isinstance(data.get("method"), dict) else None
+        if version not in _VERSION_DEFAULTS:
+            return data
+        data = dict(data)
+        for section, defaults in _VERSION_DEFAULTS[version].items():
+            parts = section.split(".")
+            node = data
+            for i, part in enumerate(parts):
+                sub = node.get(part)
+                if sub is None:
+                    sub = {}
+                if not isinstance(sub, dict):
+                    break
+                sub = dict(sub)
+                node[part] = sub
+                node = sub
+            else:
+                for key, value in defaults.items():
+                    if node.get(key) is None:
+                        node[key] = value
+        ibot = data["method"].get("ibot") or {}
+        if version == "v3" and ibot.get("separate_head") is None:
+            data["method"]["ibot"] = {**ibot, "separate_head": True}
+        elif version == "v2" and ibot.get("separate_head") is None:
+            data["method"]["ibot"] = {**ibot, "separate_head": False}
+        return data
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, v: str | None) -> str | None:
+        if v in ("", "null", "none", "None", "false", "False"):
+            return None
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> PretrainConfig:
+        m, v = self.method, self.method.version
+        if m.gram.enabled and v != "v3":
+            raise ValueError(f"method.gram.enabled: Gram anchoring is a DINOv3 objective, not {v}")
+        if m.ibot.enabled and v == "v1":
+            raise ValueError("method.ibot.enabled: DINOv1 has no iBOT objective (use v2 or v3)")
+        if v == "v3" and m.ibot.separate_head is False:
+            raise ValueError("method.ibot.separate_head: DINOv3 always uses a separate iBOT head")
+        if v == "v1" and m.centering == "sinkhorn":
+            warnings.warn("method.centering=sinkhorn with v1: not what DINOv1 did (it used the EMA centre)",
+                          stacklevel=2)
+        lo, hi = m.ibot.mask_ratio
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"method.ibot.mask_ratio: need 0 <= min <= max <= 1, got {m.ibot.mask_ratio}")
+        patch = arch_patch_size(self.model.arch)
+        if patch:
+            for key, size in (("crops.global_size", self.crops.global_size), ("crops.local_size", self.crops.local_size)):
+                if size % patch:
+                    raise ValueError(f"{key}: {size} is not a multiple of the patch size {patch} of {self.model.arch}")
+        for key, scale in (("crops.global_scale", self.crops.global_scale), ("crops.local_scale", self.crops.local_scale)):
+            if scale is not None and not 0 < scale[0] <= scale[1] <= 1:
+                raise ValueError(f"{key}: need 0 < min <= max <= 1, got {scale}")
+        if self.resume not in (None, "auto") and not str(self.resume):
+            raise ValueError("resume: give auto or a checkpoint path")
+        if self.monitor.every and not self.monitor.manifest:
+            raise ValueError("monitor.manifest: the online kNN monitor needs a labelled CSV (image,label)")
+        if self.optim.momentum > self.optim.momentum_end:
+            raise ValueError("optim.momentum_end: must be >= optim.momentum (the teacher momentum rises to it)")
+        koleo = m.koleo_weight or 0.0
+        if koleo > 0 and self.data.batch_size < 2:
+            raise ValueError("data.batch_size: KoLeo needs at least 2 images per process (or method.koleo_weight=0)")
+        return self
+
+
+def arch_patch_size(arch: str) -> int | None:
+    """Patch size of an architecture alias or timm ViT name (None when it cannot be told from the name)."""
+    from meddino.models.archs import ALIASES
+
+    spec = ALIASES.get(arch)
+    if spec is not None and "patch_size" in spec.kwargs:
+        return int(spec.kwargs["patch_size"])
+    name = spec.timm_name if spec is not None else arch
+    match = re.search(r"patch(\d+)", name)
+    return int(match.group(1)) if match else None

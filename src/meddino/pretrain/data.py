@@ -1,0 +1,177 @@
+"""The pretraining data stream: a resumable, rank-sharded batch order and per-sample seeded multi-crops.
+
+Reproducibility contract (what ``resume=auto`` relies on): the order of the data is a pure function of
+(seed, data epoch) -- one ``randperm`` of the whole source per epoch -- and iteration ``it`` of a run with
+global batch ``GB`` takes positions ``[step * GB, (step + 1) * GB)`` of that permutation (``step = it mod
+steps_per_epoch``, incomplete last batches are dropped); rank ``r`` takes the ``r``-th contiguous slice
+of ``GB / world_size``. Each sample's augmentation generator is seeded from (seed, epoch, position) by
+:func:`meddino.data.multicrop.sample_generator`, so crops do not depend on the worker that made them, on
+the number of workers, or on the number of processes: a 2-process run sees exactly the crops of a
+1-process run with the same global batch, and a resumed run the crops of an uninterrupted one. The
+sampler starts at any iteration, mid-epoch included.
+
+Unreadable files (corrupt, truncated, empty) are not fatal: the sample comes back as a :class:`Skipped`
+record, the collate drops it from the batch, and the engine counts the distinct files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from meddino.data.multicrop import MultiCropAugmentation, collate_multicrop, sample_generator
+from meddino.errors import ConfigError, DataError
+from meddino.pretrain.config import PretrainConfig
+
+
+def build_source(cfg: PretrainConfig) -> Any:
+    """:class:`meddino.data.sources.PretrainSource` over ``data.path`` (image/DICOM folders, CSV manifests,
+    videos sampled at ``data.fps``, volumes sliced along ``data.volume_axes``). The multi-crop is applied
+    here (not by the source) so that the per-sample seed can follow the sampler's positions."""
+    from meddino.data.sources import PretrainSource
+
+    if not cfg.data.path:
+        raise ConfigError("data.path: give a folder of images/videos/DICOM/volumes or a manifest CSV")
+    root = Path(cfg.data.path).expanduser()
+    if not root.exists():
+        raise DataError(f"data.path not found: {root}")
+    d = cfg.data
+    window = tuple(d.window) if isinstance(d.window, (list, tuple)) else d.window
+    source = PretrainSource(root, transform=None, fps=d.fps, axes=tuple(d.volume_axes), window=window,
+                            seed=cfg.train.seed)
+    if len(source) == 0:
+        raise DataError(f"data.path: no images, videos, DICOM files or volumes found in {root}")
+    if d.kind != "auto":
+        sample_kind = {"image": "image", "dicom": "dicom", "video": "frame", "volume": "slice"}[d.kind]
+        from meddino.data.sources import KIND_NAMES
+
+        keep = np.flatnonzero(np.asarray(source.kinds) == KIND_NAMES.index(sample_kind)).tolist()
+        if not keep:
+            raise DataError(f"data.kind={d.kind}: none found in {root} (found: {source.counts()})")
+        if len(keep) < len(source):
+            source = _KindSubset(source, keep)
+    return source
+
+
+class _KindSubset:
+    """The samples of one kind of a source (``data.kind``), with the source's ``load``/``describe``."""
+
+    def __init__(self, source: Any, indices: list[int]):
+        self.source, self.indices = source, indices
+        self.index_skipped = getattr(source, "index_skipped", [])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> Any:
+        return self.source.load(self.indices[index])
+
+    def describe(self, index: int) -> dict[str, Any]:
+        return self.source.describe(self.indices[index])
+
+
+def build_augmentation(cfg: PretrainConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> MultiCropAugmentation:
+    c = cfg.crops
+    return MultiCropAugmentation(
+        version=cfg.method.version,
+        global_size=c.global_size,
+        local_size=c.local_size,
+        n_local=c.n_local,
+        global_scale=c.global_scale,
+        local_scale=c.local_scale,
+        blur_quirk=bool(c.blur_quirk),
+        mean=mean,
+        std=std,
+    )
+
+
+class CropDataset(Dataset):
+    """Map-style dataset whose keys are ``(epoch, slot, position, index)`` from :class:`StepBatchSampler`.
+
+    An unreadable sample comes back as a :class:`meddino.data.sources.Skipped` sentinel (with
+    ``#index`` prefixed to its reason so that the engine counts distinct samples), never an exception.
+    """
+
+    def __init__(self, source: Any, augment: MultiCropAugmentation, seed: int):
+        self.source, self.augment, self.seed = source, augment, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int, int, int]) -> Any:
+        from meddino.data.sources import Skipped
+
+        epoch, slot, position, index = key
+        gen = sample_generator(self.seed, epoch, position)
+        try:
+            out = self.augment(self.source.load(index), gen)
+        except (DataError, OSError, ValueError, EOFError, MemoryError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return Skipped(f"#{index} {self.source.describe(index)['path']}", reason)
+        out["slot"] = int(slot)
+        return out
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int, int, int]]]):
+    """Batches of keys for iterations ``start .. end-1`` on one rank (see the module docstring)."""
+
+    def __init__(self, n: int, global_batch: int, rank: int, world_size: int, seed: int, start: int, end: int):
+        if n < global_batch:
+            raise DataError(
+                f"data: {n} inputs but a global batch of {global_batch} (data.batch_size x processes); "
+                "use more data or a smaller data.batch_size"
+            )
+        self.n, self.gb, self.rank, self.world = n, global_batch, rank, world_size
+        self.local = global_batch // world_size
+        self.seed, self.start, self.end = int(seed), int(start), int(end)
+        self.steps_per_epoch = n // global_batch
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return max(self.end - self.start, 0)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 7_919 + 1) % (2**62))
+            self._perm = (epoch, torch.randperm(self.n, generator=gen))
+        return self._perm[1]
+
+    def keys(self, iteration: int) -> list[tuple[int, int, int, int]]:
+        epoch, step = divmod(iteration, self.steps_per_epoch)
+        perm = self.permutation(epoch)
+        first_slot = self.rank * self.local
+        out = []
+        for slot in range(first_slot, first_slot + self.local):
+            pos = step * self.gb + slot
+            out.append((epoch, slot, pos, int(perm[pos])))
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
+        for it in range(self.start, self.end):
+            yield self.keys(it)
+
+
+def collate(batch: list[Any]) -> dict[str, Any]:
+    return collate_multicrop(batch)
+
+
+def make_loader(
+    dataset: CropDataset, sampler: StepBatchSampler, num_workers: int, pin_memory: bool
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+        # its own generator: creating the loader's iterator must not draw from the global torch RNG,
+        # which drives drop path and is restored on resume
+        generator=torch.Generator().manual_seed(0),
+    )

@@ -1,0 +1,535 @@
+"""The pretraining loop: ``run_pretrain(cfg)`` behind ``meddino pretrain``.
+
+One iteration: teacher targets from the 2 global crops (no grad) -> student forward (2 masked global crops
+in one pass, all local crops in one pass) -> DINO (+ iBOT, KoLeo, Gram) loss -> backward (DDP all-reduces
+backbone and head gradients together) -> clipping (v1 per parameter; v2/v3 global norm per sub-model) and
+the freeze-last-layer rule -> AdamW with the scheduled lr / weight decay per parameter group -> EMA
+teacher update -> EMA centre update.
+
+Every schedule is a function of the iteration (lr with the version's batch scaling rule on the GLOBAL
+batch, linear warm-up then cosine; weight decay cosine; teacher momentum cosine; teacher temperature
+warm-up per iteration (v2/v3) or per epoch (v1)), so resuming only needs the iteration; the checkpoint
+holds student, teacher, Gram teacher, centres, optimiser and RNG states, and the data order is a pure
+function of (seed, iteration) (see :mod:`meddino.pretrain.data`): a resumed run is bit-identical to an
+uninterrupted one on CPU.
+
+Continued pretraining (``init=CKPT``): student, teacher and Gram teacher start from the checkpoint (any
+format :func:`meddino.models.resolve_backbone` reads), heads start fresh, and ``head_warmup`` keeps the
+backbone frozen (``requires_grad=False``: no gradient, no AdamW moment, no weight decay) for
+``frozen_iters`` iterations, then ramps its lr linearly over ``ramp_iters`` to the scheduled value (or to
+the constant ``head_warmup.backbone_lr``, the FINO recipe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from meddino import ssl
+from meddino.errors import CheckpointError, ConfigError, DataError
+from meddino.pretrain import checkpoint as ckpt
+from meddino.pretrain.config import PretrainConfig, arch_patch_size
+from meddino.pretrain.data import (
+    CropDataset,
+    StepBatchSampler,
+    build_augmentation,
+    build_source,
+    make_loader,
+)
+from meddino.pretrain.distributed import (
+    DistEnv,
+    all_gather_object,
+    barrier,
+    cleanup,
+    full_state_dict,
+    load_full_state_dict,
+    shard_fsdp,
+    init_distributed,
+    mean_over_ranks,
+    wrap_student,
+)
+from meddino.pretrain.method import SSLObjective, Student, build_student, iteration_masks
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the CLI reports it in one line with exit code 2."""
+
+
+class Schedules:
+    """All per-iteration schedules of a run (pure functions of the iteration)."""
+
+    def __init__(self, cfg: PretrainConfig, global_batch: int, epoch_length: int):
+        o, t = cfg.optim, cfg.train
+        total = t.iterations
+        self.epoch_length = epoch_length
+        self.base_lr = ssl.scaled_lr(o.lr, global_batch, o.lr_scaling or "none")
+        warmup = min(int(round(o.warmup_epochs * epoch_length)), total)
+        self.lr = ssl.cosine_schedule(self.base_lr, o.min_lr, total, warmup)
+        self.wd = ssl.cosine_schedule(o.weight_decay, o.weight_decay_end, total)
+        self.momentum = ssl.cosine_schedule(o.momentum, o.momentum_end, total)
+        total_epochs = math.ceil(total / epoch_length)
+        temp_warmup = o.teacher_temp_warmup_epochs
+        if o.teacher_temp_per_epoch:
+            self.teacher_temp = ssl.linear_warmup_then_constant(
+                o.teacher_temp_start, o.teacher_temp, int(round(temp_warmup)), total_epochs, epoch_length, per_epoch=True
+            )
+        else:  # per iteration: warm-up over round(epochs * epoch_length) iterations
+            w_iters = int(round(temp_warmup * epoch_length))
+            self.teacher_temp = _linear_then_constant(o.teacher_temp_start, o.teacher_temp, w_iters)
+        self.freeze_last_layer_iters = int(round(o.freeze_last_layer_epochs * epoch_length))
+        hw = cfg.head_warmup
+        self.frozen_iters, self.ramp_iters, self.backbone_lr = hw.frozen_iters, hw.ramp_iters, hw.backbone_lr
+
+    def backbone_lr_at(self, it: int) -> float:
+        """Backbone lr at ``it``: 0 while frozen, then a linear ramp to the schedule (or the constant
+        ``head_warmup.backbone_lr``)."""
+        target = self.lr(it) if self.backbone_lr is None else self.backbone_lr
+        if it < self.frozen_iters:
+            return 0.0
+        if self.ramp_iters > 0:
+            return target * min(1.0, (it - self.frozen_iters + 1) / self.ramp_iters)
+        return target
+
+
+def _linear_then_constant(start: float, end: float, n: int) -> ssl.schedules.Schedule:
+    import numpy as np
+
+    return ssl.schedules.Schedule(np.linspace(start, end, n).astype(np.float64), float(end))
+
+
+@torch.no_grad()
+def clip_per_parameter_sharded(module: nn.Module, max_norm: float) -> None:
+    """DINOv1's per-parameter clipping (``g *= min(1, max_norm / (||g|| + 1e-6))``) for FSDP2-sharded
+    gradients: each parameter's norm is the all-reduced sum of its shards' squared norms."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    if max_norm <= 0:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    sq = torch.stack([t.float().pow(2).sum() for t in local])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sq)
+    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for t, c in zip(local, coef):
+        t.mul_(c.to(t.dtype))
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """On resume, drop the rows a killed run logged after its last checkpoint (they are logged again)."""
+    import json
+
+    from meddino.runlog import atomic_write, read_metrics
+
+    if not path.exists():
+        return
+    rows = [r for r in read_metrics(path) if int(r.get("step", 0)) <= iteration]
+    with atomic_write(path, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+
+
+def run_pretrain(cfg: PretrainConfig) -> int:
+    """Entry point of ``meddino pretrain`` (and of every torchrun process)."""
+    env = init_distributed(cfg.train.device)
+    try:
+        Trainer(cfg, env).fit()
+    finally:
+        cleanup()
+    return 0
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.device = env.device
+        self.out = Path(cfg.out).expanduser()
+        self.ckpt_dir = self.out / "checkpoints"
+        prec = cfg.train.precision
+        if prec == "bf16" and self.device.type != "cuda":
+            raise ConfigError("train.precision=bf16 needs CUDA (CPU runs in fp32)")
+        self.autocast = self.device.type == "cuda" and prec in ("auto", "bf16")
+        self.global_batch = cfg.data.batch_size * env.world_size
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _resume_path(self) -> Path | None:
+        r = self.cfg.resume
+        if r is None:
+            if ckpt.latest_checkpoint(self.ckpt_dir) is not None:
+                raise ConfigError(
+                    f"out: {self.out} already holds checkpoints; continue with resume=auto or choose another out"
+                )
+            return None
+        if r == "auto":
+            return ckpt.latest_checkpoint(self.ckpt_dir)  # none yet: start fresh
+        return Path(r).expanduser()
+
+    def _build_backbone(self) -> nn.Module:
+        from meddino.models import resolve_backbone
+
+        cfg = self.cfg
+        img_size = cfg.model.img_size or cfg.crops.global_size
+        if cfg.init:
+            backbone = resolve_backbone(cfg.init, img_size=img_size, drop_path_rate=cfg.model.drop_path)
+            want = arch_patch_size(cfg.model.arch)
+            if want and backbone.patch_size != want:
+                raise ConfigError(
+                    f"init: {cfg.init} has patch size {backbone.patch_size} but model.arch={cfg.model.arch} "
+                    f"has {want}; set model.arch to the checkpoint's architecture"
+                )
+        else:
+            backbone = resolve_backbone(f"random:{cfg.model.arch}", img_size=img_size, drop_path_rate=cfg.model.drop_path)
+        if getattr(backbone, "version", "cnn") == "cnn":
+            raise ConfigError("init/model.arch: DINO pretraining needs a ViT backbone, not a CNN")
+        if cfg.train.grad_checkpointing:
+            backbone.set_grad_checkpointing(True)
+        return backbone
+
+    def setup(self) -> None:
+        """Model, optimiser, schedules and (on resume) state; then the data source."""
+        self.source = build_source(self.cfg)
+        self.setup_model(len(self.source))
+
+    def setup_model(self, n_samples: int) -> None:
+        """Everything but the data: student/teacher, optimiser, schedules (the epoch length of v1 is the
+        number of full global batches in ``n_samples``), resume state, DDP wrapping, monitor."""
+        cfg, env = self.cfg, self.env
+        resume_path = self._resume_path()
+        torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
+        backbone = self._build_backbone()
+        self.student: Student = build_student(cfg, backbone).to(self.device)
+        self.objective = SSLObjective(cfg, self.student).to(self.device)
+        self.mean, self.std = tuple(backbone.mean), tuple(backbone.std)
+        self.sharded = bool(cfg.train.fsdp and env.distributed)
+        self._plain_backbone: nn.Module | None = None
+        if self.sharded:  # an unsharded copy to export / monitor the teacher from gathered weights
+            self._plain_backbone = copy.deepcopy(backbone).cpu()
+            shard_fsdp(self.student, self.objective.teacher, self.objective.gram_teacher, env)
+
+        self.data_steps_per_epoch = n_samples // self.global_batch
+        epoch_length = cfg.train.epoch_length or max(self.data_steps_per_epoch, 1)
+        self.sched = Schedules(cfg, self.global_batch, epoch_length)
+
+        # optimiser: separate groups for backbone and heads so the head warm-up can address the backbone
+        o = cfg.optim
+        groups = []
+        for g in ssl.param_groups(self.student.backbone, 0.0, 0.0, o.layer_decay or 1.0, o.patch_embed_lr_mult or 1.0):
+            g["is_backbone"] = True
+            groups.append(g)
+        heads = nn.ModuleDict(self.student.heads())
+        for g in ssl.param_groups(heads, 0.0, 0.0, 1.0, 1.0):
+            g["is_backbone"] = False
+            groups.append(g)
+        for g in groups:
+            g.pop("names", None)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas), fused=fused or None)
+
+        self.start_iter = 0
+        source = getattr(self, "source", None)
+        self.skipped: dict[str, str] = {x.path: str(x) for x in getattr(source, "index_skipped", [])}
+        self._local_skipped: dict[str, str] = {}
+        if resume_path is not None:
+            self._load(resume_path)
+        self.model: nn.Module = self.student
+        self._set_backbone_trainable(self.start_iter >= self.sched.frozen_iters, rewrap=False)
+        self.model = wrap_student(self.student, env, cfg.train.fsdp)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+
+        torch.manual_seed(cfg.train.seed + 1000 * (env.rank + 1) + self.start_iter)
+        if resume_path is not None and self._resume_rng is not None:
+            ckpt.set_rng_state(self._resume_rng)
+
+        self.monitor = None
+        if cfg.monitor.every and cfg.monitor.manifest and env.is_main:
+            from meddino.pretrain.monitor import KNNMonitor
+
+            m = cfg.monitor
+            self.monitor = KNNMonitor(m.manifest, cfg.crops.global_size, self.mean, self.std, m.k,
+                                      m.temperature, m.val_fraction, m.batch_size, cfg.train.seed)
+
+    def _set_backbone_trainable(self, trainable: bool, rewrap: bool = True) -> None:
+        """Freeze/unfreeze the student backbone (head warm-up); re-wraps DDP so its reducer sees it."""
+        bb = self.student.backbone
+        current = any(p.requires_grad for p in bb.parameters())
+        for name, p in bb.named_parameters():
+            if name == "mask_token" and not self.cfg.method.ibot.enabled:
+                continue
+            p.requires_grad_(trainable)
+        if rewrap and self.env.distributed and current != trainable and not self.cfg.train.fsdp:
+            self.model = wrap_student(self.student, self.env, False)
+            if self.cfg.train.compile:
+                self.model = torch.compile(self.model)
+
+    # ------------------------------------------------------------------------------------------ state
+    def _state(self, iteration: int) -> dict[str, Any]:
+        rng = all_gather_object(ckpt.rng_state())
+        gram = self.objective.gram_teacher
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optim_state = get_optimizer_state_dict(
+                self.student, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        else:
+            optim_state = self.optimizer.state_dict()
+        return {
+            "format": "meddino.pretrain",
+            "iteration": iteration,
+            "world_size": self.env.world_size,
+            "version": self.cfg.method.version,
+            "fsdp": self.sharded,
+            "student": full_state_dict(self.student, self.sharded),
+            "teacher": full_state_dict(self.objective.teacher, self.sharded),
+            "gram_teacher": full_state_dict(gram, self.sharded) if gram is not None else None,
+            "center": self.objective.center.detach().cpu(),
+            "ibot_center": self.objective.ibot_center.detach().cpu(),
+            "gram_refreshes": self.objective.gram_refreshes,
+            "optimizer": optim_state,
+            "rng": rng,
+            "skipped": [[k, v] for k, v in sorted(self.skipped.items())],
+        }
+
+    def _load(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path)
+        if state.get("version") != self.cfg.method.version:
+            raise CheckpointError(f"resume: {path} was written by a {state.get('version')} run, not {self.cfg.method.version}")
+        if bool(state.get("fsdp", False)) != self.sharded:
+            raise CheckpointError(f"resume: {path} was written with train.fsdp={state.get('fsdp', False)}; "
+                                  "resume with the same setting")
+        try:
+            load_full_state_dict(self.student, state["student"], self.sharded)
+            load_full_state_dict(self.objective.teacher, state["teacher"], self.sharded)
+            if self.objective.gram_teacher is not None and state.get("gram_teacher") is not None:
+                load_full_state_dict(self.objective.gram_teacher, state["gram_teacher"], self.sharded)
+            if self.sharded:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                # strict=False: parameters that never had a gradient (DINOv1's frozen prototypes during
+                # freeze_last_layer) have no AdamW state yet, exactly as in the uninterrupted run
+                set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True, strict=False))
+                # the loader first creates state for every parameter with a zero-lr step; drop it again
+                # where the checkpoint had none, or AdamW's step count (bias correction) would differ
+                saved = set(state["optimizer"]["state"].keys())
+                for name, p in self.student.named_parameters():
+                    if name not in saved:
+                        self.optimizer.state.pop(p, None)
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"resume: {path} does not match this config ({str(exc).splitlines()[0][:160]})") from None
+        self.objective.center.copy_(state["center"])
+        self.objective.ibot_center.copy_(state["ibot_center"])
+        self.objective.gram_refreshes = int(state.get("gram_refreshes", 0))
+        self.start_iter = int(state["iteration"])
+        self.skipped.update({str(k): str(v) for k, v in state.get("skipped", [])})
+        rng = state.get("rng") or []
+        self._resume_rng = None
+        if int(state.get("world_size", 1)) == self.env.world_size and len(rng) == self.env.world_size:
+            self._resume_rng = rng[self.env.rank]
+        else:
+            warnings.warn("resume: different number of processes than the checkpoint; RNG streams restart", stacklevel=2)
+        if self.env.is_main:
+            print(f"resuming from {path} at iteration {self.start_iter}", file=sys.stderr)
+
+    _resume_rng: dict[str, Any] | None = None
+
+    def save(self, iteration: int) -> None:
+        self._merge_skipped()
+        state = self._state(iteration)  # collective (RNG gather, FSDP gathers): every rank calls it
+        teacher_bb = self.teacher_backbone(state["teacher"])
+        if self.env.is_main:
+            from meddino.models import export_backbone
+
+            export_backbone(teacher_bb, ckpt.export_path(self.ckpt_dir, iteration))
+            ckpt.save_checkpoint(self.ckpt_dir, iteration, state, self.cfg.train.keep_last)
+        barrier()
+
+    # ------------------------------------------------------------------------------------------ step
+    def _apply_schedules(self, it: int) -> dict[str, float]:
+        lr, wd = self.sched.lr(it), self.sched.wd(it)
+        bb_lr = self.sched.backbone_lr_at(it)
+        freeze_ll = it < self.sched.freeze_last_layer_iters
+        for g in self.optimizer.param_groups:
+            base = bb_lr if g["is_backbone"] else lr
+            if g["is_last_layer"] and freeze_ll and not self.cfg.optim.clip_per_param:
+                base = 0.0  # v2/v3 freeze the prototypes with a zero lr; v1 drops their gradients
+            g["lr"] = base * g["lr_multiplier"]
+            g["weight_decay"] = wd * g["wd_multiplier"]
+        return {"lr": lr, "backbone_lr": bb_lr, "wd": wd, "momentum": self.sched.momentum(it),
+                "teacher_temp": self.sched.teacher_temp(it)}
+
+    def train_step(self, it: int, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        if it == self.sched.frozen_iters and self.sched.frozen_iters > 0:
+            self._set_backbone_trainable(True)
+        values = self._apply_schedules(it)
+        non_blocking = self.device.type == "cuda"
+        g = batch["global"].to(self.device, non_blocking=non_blocking)  # [2, B, 3, G, G]
+        loc = batch["local"].to(self.device, non_blocking=non_blocking)  # [n, B, 3, L, L]
+        b = g.shape[1]
+        g = g.flatten(0, 1)
+        loc = loc.flatten(0, 1) if loc.shape[0] > 0 else None
+        grid = self.student.backbone.grid_size(g.shape[-2:])
+        masks = iteration_masks(cfg, it, self.global_batch, batch["slot"], grid)
+        if masks is not None:
+            masks = masks.to(self.device, non_blocking=non_blocking)
+        ac = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with ac:
+            targets = self.objective.teacher_targets(g, masks, values["teacher_temp"])
+            out = self.model(g, loc, masks)
+            terms = self.objective.losses(out, targets, masks, g, b)
+        loss = terms["loss"]
+        avg = mean_over_ranks(loss.detach().float().reshape(1))
+        if not torch.isfinite(avg).all():
+            last = ckpt.latest_checkpoint(self.ckpt_dir)
+            raise TrainingDiverged(
+                f"loss is {avg.item()} at iteration {it}; last good checkpoint: {last if last else 'none written yet'}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._clip_and_freeze(it)
+        self.optimizer.step()
+        ssl.ema_update_(self.objective.teacher, self.student, values["momentum"])
+        self.objective.update_centers(targets)
+        gram = cfg.method.gram
+        if (gram.enabled and gram.refresh_every and (it + 1) % gram.refresh_every == 0
+                and (gram.max_refreshes is None or self.objective.gram_refreshes < gram.max_refreshes)):
+            self.objective.refresh_gram_teacher()
+        terms = {k: v.detach() for k, v in terms.items()}
+        terms["loss"] = avg[0]
+        return {**terms, **{k: torch.tensor(v) for k, v in values.items()}}
+
+    def _clip_and_freeze(self, it: int) -> None:
+        o = self.cfg.optim
+        if o.clip_per_param:  # DINOv1: per parameter over the whole student, then drop the prototypes' grads
+            if self.sharded:
+                clip_per_parameter_sharded(self.student, o.clip_grad)
+            else:
+                ssl.clip_gradients(self.student, o.clip_grad, per_parameter=True)
+            for head in self.student.heads().values():
+                ssl.cancel_last_layer_gradients(head, it, self.sched.freeze_last_layer_iters)
+        else:  # DINOv2/v3: global norm per sub-model
+            ssl.clip_gradients(self.student.backbone, o.clip_grad, per_parameter=False)
+            for head in self.student.heads().values():
+                ssl.clip_gradients(head, o.clip_grad, per_parameter=False)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(self) -> None:
+        from meddino.runlog import Progress, RunDir
+
+        self.setup()
+        cfg, env = self.cfg, self.env
+        run = RunDir(self.out, cfg if env.is_main else None, tensorboard=False)
+        if self.start_iter > 0 and env.is_main:
+            _truncate_metrics(self.out / "metrics.jsonl", self.start_iter)
+        total = cfg.train.iterations
+        end = min(total, cfg.train.stop_at or total)
+        if self.start_iter >= end:
+            if env.is_main:
+                print(f"nothing to do: the checkpoint is at iteration {self.start_iter} "
+                      f"(train.iterations={total}, train.stop_at={cfg.train.stop_at})", file=sys.stderr)
+            if self.start_iter >= total:
+                self._final_export()
+            return
+        augment = build_augmentation(cfg, self.mean, self.std)
+        dataset = CropDataset(self.source, augment, cfg.train.seed)
+        sampler = StepBatchSampler(len(self.source), self.global_batch, env.rank, env.world_size, cfg.train.seed,
+                                   self.start_iter, end)
+        loader = make_loader(dataset, sampler, cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        self.student.train()
+        self.objective.train()
+        imgs_per_it = self.global_batch
+        t_log, n_log = time.perf_counter(), 0
+        with Progress((end - self.start_iter) * imgs_per_it, "pretrain", unit="img") as bar:
+            it = self.start_iter
+            for batch in loader:
+                self._count_skipped(batch)
+                if batch["global"] is None:
+                    raise DataError(f"data: every image of the batch at iteration {it} was unreadable")
+                terms = self.train_step(it, batch)
+                n_log += 1
+                done = it + 1
+                if done % cfg.train.log_every == 0 or done == end:
+                    self._merge_skipped()
+                    now = time.perf_counter()
+                    row = {k: float(v) for k, v in terms.items()}
+                    row["images_per_s"] = imgs_per_it * n_log / max(now - t_log, 1e-9)
+                    row["s_per_iteration"] = (now - t_log) / n_log
+                    row["epoch"] = it / self.sched.epoch_length
+                    row["skipped_files"] = len(self.skipped)
+                    row["gram_refreshes"] = self.objective.gram_refreshes
+                    run.log(done, **row)
+                    t_log, n_log = now, 0
+                if cfg.monitor.every and cfg.monitor.manifest and done % cfg.monitor.every == 0:
+                    teacher_bb = self.teacher_backbone()  # collective under FSDP
+                    if self.monitor is not None:
+                        dev = self.device if not self.sharded else torch.device("cpu")
+                        run.log(done, **self.monitor.evaluate(teacher_bb, dev, self.autocast and not self.sharded))
+                bar.advance(imgs_per_it, it=done, loss=float(terms["loss"]), lr=float(terms["lr"]))
+                if done % cfg.train.checkpoint_every == 0 or done == end:
+                    self.save(done)
+                it = done
+        run.close()
+        if end < total:
+            if env.is_main:
+                print(f"stopped at iteration {end} of {total} (train.stop_at); continue with resume=auto",
+                      file=sys.stderr)
+            return
+        self._final_export()
+
+    def _count_skipped(self, batch: dict[str, Any]) -> None:
+        """Distinct unreadable samples (a file that fails in every epoch counts once)."""
+        for s in batch.get("skipped", []):
+            path = str(getattr(s, "path", s))
+            key = path.split(" ", 1)[0] if path.startswith("#") else path
+            self._local_skipped[key] = str(s)
+
+    def _merge_skipped(self) -> None:
+        """Union of the unreadable files seen by every rank (a collective: called at log/checkpoint steps)."""
+        local, self._local_skipped = self._local_skipped, {}
+        for d in all_gather_object(local):
+            self.skipped.update(d)
+
+    def teacher_backbone(self, teacher_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """The EMA teacher's backbone as a plain module (under FSDP2: the unsharded copy loaded with the
+        gathered weights, a collective that every rank must call)."""
+        if not self.sharded:
+            return self.objective.teacher.backbone
+        if teacher_state is None:
+            teacher_state = full_state_dict(self.objective.teacher, True)
+        assert self._plain_backbone is not None
+        if teacher_state:  # gathered with cpu_offload: the full weights exist on rank 0 only
+            prefix = "backbone."
+            self._plain_backbone.load_state_dict(
+                {k[len(prefix):]: v for k, v in teacher_state.items() if k.startswith(prefix)}
+            )
+        return self._plain_backbone
+
+    def _final_export(self) -> None:
+        teacher_bb = self.teacher_backbone()
+        if self.env.is_main:
+            from meddino.models import export_backbone
+
+            path = export_backbone(teacher_bb, self.out / "teacher_backbone.safetensors")
+            n = len(self.skipped)
+            print(f"skipped {n} unreadable file{'s' if n != 1 else ''}", file=sys.stderr)
+            if n:
+                for line in list(self.skipped.values())[:5]:
+                    print(f"  {line}", file=sys.stderr)
+            print(f"teacher backbone: {path}")
+        barrier()
