@@ -97,3 +97,28 @@ def test_help_does_not_import_torch():
     code = "import sys; from meddino.cli import build_parser; build_parser(); print(sorted(m for m in ('torch', 'timm', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "override,named",
+    [
+        ("train.iteratons=5", "unknown key 'train.iteratons' (did you mean 'train.iterations'?)"),
+        ("train.iterations=many", "key 'train.iterations'"),
+        ("crops.n_local=-2", "key 'crops.n_local'"),
+    ],
+)
+def test_cli_config_errors_exit_2_naming_the_key(override, named, capsys, tmp_path):
+    from meddino.cli import main
+
+    code = main(["pretrain", "--config", "dinov2_tiny", f"data.path={tmp_path}", f"out={tmp_path / 'run'}", override])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and named in err
+    assert not (tmp_path / "run").exists()  # nothing written before validation
+
+
+def test_cli_unknown_recipe_exit_2(capsys):
+    from meddino.cli import main
+
+    assert main(["pretrain", "--config", "dinov2_tinyy"]) == 2
+    assert "unknown recipe 'dinov2_tinyy' (did you mean dinov2_tiny" in capsys.readouterr().err
