@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from meddino.data.multicrop import MultiCropAugmentation, sample_generator  # noqa: E402
+from meddino.profile.timing import machine_info  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- frames
@@ -197,13 +197,9 @@ def main() -> None:
             "crop_scale": crop_scale_check(),
         },
         "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "uname": " ".join(platform.uname()),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
+            **machine_info(torch.device("cpu")),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "pillow": Image.__version__,
-            "python": platform.python_version(),
         },
     }
     print(json.dumps(report, indent=2))

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 
 import torch
 
 from meddino.tasks.classify.frozen import fit_heads
+from meddino.profile.timing import machine_info
 
 
 def _sync(device: torch.device) -> None:
@@ -75,10 +74,7 @@ def main() -> None:
                     "16_heads_sequential": round(seq_s, 4)},
         "grid_over_one_head": round(grid_s / one_s, 2),
         "sequential_over_grid": round(seq_s / grid_s, 2),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device),
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "machine": machine_info(device),
     }, indent=2))
 
 

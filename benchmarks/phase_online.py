@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 
 import numpy as np
 import torch
 
 from meddino.models import build_backbone
+from meddino.profile.timing import machine_info
 from meddino.tasks.phase.mstcn import MSTCN, MSTCNConfig, OnlineMSTCN
 
 
@@ -29,23 +28,6 @@ def stats(ms: list[float]) -> dict[str, float]:
     med = float(np.median(a))
     return {"median_ms": round(med, 3), "p95_ms": round(float(np.percentile(a, 95)), 3),
             "mean_ms": round(float(a.mean()), 3), "fps": round(1000.0 / med, 1)}
-
-
-def machine(device: torch.device) -> dict[str, object]:
-    info: dict[str, object] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    else:
-        info["device_name"] = info["processor"]
-    return info
 
 
 def main() -> None:
@@ -104,7 +86,7 @@ def main() -> None:
                   "receptive_field_frames": mstcn.receptive_field},
         "params_m": {"backbone": params(backbone), "mstcn": params(mstcn)},
         "latency": {"total": stats(total), "backbone": stats(bb_ms), "mstcn_step": stats(tcn_ms)},
-        "machine": machine(device),
+        "machine": machine_info(device),
     }, indent=2))
 
 

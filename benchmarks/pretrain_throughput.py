@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 
 import torch
+
+from meddino.profile.timing import machine_info
 
 METHODS = {"dinov1": "dinov1_vits16", "dinov2": "dinov2_vits14", "dinov3": "dinov3_vits16"}
 
@@ -158,13 +159,7 @@ def main() -> None:
     peak_dtype = torch.bfloat16 if cuda else torch.float32
     peak = matmul_peak(device, peak_dtype, 8192 if cuda else 2048, 10)
     info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": args.device,
-        "cuda_device": torch.cuda.get_device_name(device) if cuda else None,
+        **machine_info(device),
         "precision": "bf16 autocast" if cuda else "fp32",
         "data_loading": "excluded (synthetic crops already on the device)",
         "matmul_peak_tflops": peak / 1e12,

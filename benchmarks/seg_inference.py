@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 
@@ -24,23 +22,8 @@ import numpy as np
 import torch
 
 from meddino.models import resolve_backbone
+from meddino.profile.timing import machine_info
 from meddino.tasks.seg.heads import SegmentationModel
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def build(head: str, backbone: str, num_classes: int, num_queries: int) -> SegmentationModel:

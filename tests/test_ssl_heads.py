@@ -206,8 +206,7 @@ def test_param_groups_multipliers_tiny_timm_vit():
     groups = param_groups(vit, base_lr=1e-3, weight_decay=0.04, layer_decay=0.9, patch_embed_lr_mult=0.2)
     by_name = {n: g for g in groups for n in g["names"]}
     assert set(by_name) == {n for n, _ in vit.named_parameters()}
-    L = 3
-    expect = {  # name: (lr multiplier, wd multiplier), written out by hand: 0.9 ** (L + 1 - layer id)
+    expect = {  # name: (lr multiplier, wd multiplier), written out by hand: 0.9 ** (L + 1 - layer id), L = 3 blocks
         "cls_token": (0.9**4, 1.0),
         "pos_embed": (0.9**4, 1.0),
         "patch_embed.proj.weight": (0.9**4 * 0.2, 1.0),

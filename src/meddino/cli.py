@@ -66,7 +66,7 @@ def add_config_command(
         "--config",
         "-c",
         default=default_recipe,
-        help=f"recipe name (see `meddino recipes`) or YAML path"
+        help="recipe name (see `meddino recipes`) or YAML path"
         + (f"; default {default_recipe}" if default_recipe else ""),
     )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")

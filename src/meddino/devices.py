@@ -24,6 +24,17 @@ def pick_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (tasks whose runs must repeat exactly)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def autocast(device: torch.device, enabled: bool = True) -> Any:
     """bf16 autocast on CUDA; nothing (fp32) on CPU."""
     if device.type != "cuda" or not enabled:

@@ -26,6 +26,12 @@ class DataError(UserError):
     """Input data that cannot be used: missing file, wrong mask size, label out of range, empty split."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type name), for one-line error reports."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 def require_file(path: str | Path, what: str = "file") -> Path:
     """Return ``path`` as a Path if it exists, else raise a one-line :class:`DataError` naming it."""
     p = Path(path).expanduser()

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from meddino.errors import DataError
+from meddino.errors import DataError, first_line
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm",
@@ -174,7 +174,7 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
     except FileNotFoundError:
         raise DataError(f"image not found: {p}") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"unreadable image {p}: {_reason(exc)}") from None
+        raise DataError(f"unreadable image {p}: {first_line(exc)}") from None
 
 
 def pil_to_rgb(im: Image.Image, size_hint: int | tuple[int, int] | None = None, window: Window = None,
@@ -210,7 +210,7 @@ def pil_to_rgb(im: Image.Image, size_hint: int | tuple[int, int] | None = None, 
     except DataError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, MemoryError) as exc:
-        raise DataError(f"unreadable image {where}: {_reason(exc)}") from None
+        raise DataError(f"unreadable image {where}: {first_line(exc)}") from None
 
 
 def read_image(path: str | os.PathLike[str], size_hint: int | tuple[int, int] | None = None,
@@ -261,7 +261,7 @@ def _dcmread(path: Path, stop_before_pixels: bool = False) -> Any:
     except FileNotFoundError:
         raise DataError(f"DICOM file not found: {path}") from None
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
-        raise DataError(f"unreadable DICOM {path}: {_reason(exc)}") from None
+        raise DataError(f"unreadable DICOM {path}: {first_line(exc)}") from None
 
 
 def _first(value: Any) -> float:
@@ -278,7 +278,7 @@ def read_dicom(path: str | os.PathLike[str], window: Window = None, frame: int =
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for missing/compressed/truncated pixel data
-        raise DataError(f"DICOM {p} has no decodable pixel data: {_reason(exc)}") from None
+        raise DataError(f"DICOM {p} has no decodable pixel data: {first_line(exc)}") from None
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     colour = int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1
@@ -357,7 +357,7 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[float, 
     except DataError:
         raise
     except Exception as exc:  # nibabel/pynrrd/SimpleITK raise their own error types for corrupt files
-        raise DataError(f"unreadable volume {p}: {_reason(exc)}") from None
+        raise DataError(f"unreadable volume {p}: {first_line(exc)}") from None
     if data.ndim != 3:
         raise DataError(f"volume {p} has {data.ndim} dimensions after loading, expected 3")
     return np.ascontiguousarray(data), zooms
@@ -411,7 +411,7 @@ def volume_shape(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"unreadable volume {p}: {_reason(exc)}") from None
+        raise DataError(f"unreadable volume {p}: {first_line(exc)}") from None
     shape = shape + (1,) * (3 - len(shape))
     return shape[2], shape[1], shape[0]
 
@@ -460,8 +460,3 @@ def foreground_fraction(rgb: np.ndarray, threshold: int = 8) -> float:
     """Fraction of pixels brighter than ``threshold`` (a near-empty slice of air/background scores ~0)."""
     gray = rgb[..., 0] if rgb.ndim == 3 else rgb
     return float((gray > threshold).mean()) if gray.size else 0.0
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]

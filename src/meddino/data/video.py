@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import Field
 
 from meddino.config import Schema
-from meddino.errors import DataError
+from meddino.errors import DataError, first_line
 
 _EPS = 1e-6
 
@@ -39,7 +39,7 @@ def _open(path: str | os.PathLike[str]):  # -> (container, stream)
     try:
         container = av.open(str(p))
     except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"video {p} cannot be decoded: {_reason(exc)}") from None
+        raise DataError(f"video {p} cannot be decoded: {first_line(exc)}") from None
     if not container.streams.video:
         container.close()
         raise DataError(f"no video stream in {p}")
@@ -112,7 +112,7 @@ def iter_video_frames(
                 next_k = last_k + 1  # the next wanted time strictly after this frame
     except av.FFmpegError as exc:
         if index == 0:
-            raise DataError(f"video {path} cannot be decoded: {_reason(exc)}") from None
+            raise DataError(f"video {path} cannot be decoded: {first_line(exc)}") from None
         return  # a truncated tail: keep what decoded
     finally:
         container.close()
@@ -148,7 +148,7 @@ def read_frame_at(path: str | os.PathLike[str], time_s: float) -> np.ndarray:
             return last.to_ndarray(format="rgb24")
         raise DataError(f"no decodable frame at {time_s:.3f}s in video {path}")
     except av.FFmpegError as exc:
-        raise DataError(f"undecodable video {path} at {time_s:.3f}s: {_reason(exc)}") from None
+        raise DataError(f"undecodable video {path} at {time_s:.3f}s: {first_line(exc)}") from None
     finally:
         container.close()
 
@@ -240,8 +240,3 @@ def run_extract_frames(cfg: ExtractFramesConfig) -> int:
     if skipped:
         print(f"skipped {len(skipped)} undecodable video(s); first: {skipped[0]}", file=sys.stderr)
     return 0
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]

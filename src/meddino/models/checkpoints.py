@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meddino.errors import CheckpointError
+from meddino.errors import CheckpointError, first_line
 from meddino.models.archs import resolve_arch
 from meddino.models.backbone import Backbone, CNNBackbone
 
@@ -87,24 +87,19 @@ def read_checkpoint(path: Path) -> Any:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
     try:
         # DINOv1 full checkpoints store their argparse.Namespace: plain data, safe to rebuild
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = _first_line(exc).removeprefix("Weights only load failed. ")
+        reason = first_line(exc).removeprefix("Weights only load failed. ")
         raise CheckpointError(
             f"{path}: refused to unpickle, the file holds objects that could run code ({reason[:160]}); "
             "re-save only its tensors (state_dict) or export it as safetensors with a trusted tool"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(exc)[:200]})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(exc)[:200]})") from None
 
 
 def _is_tensor_dict(obj: Any) -> bool:

@@ -262,7 +262,7 @@ def profile_pretrain(cfg: ProfileConfig, device: torch.device) -> dict[str, Any]
         if device.type == "cuda":
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             if p.max_batch:
-                ok, bad = largest_batch(lambda b: _fits(trainer, b, device), p.max_batch_limit)
+                ok, bad = largest_batch(lambda b, t=trainer: _fits(t, b, device), p.max_batch_limit)
                 row["max_batch"] = ok
                 row["note"] = (f"largest batch by doubling + bisection (first failing: {bad})" if bad
                                else f"reached max_batch_limit={p.max_batch_limit} without running out of memory")

@@ -386,11 +386,6 @@ def _check_patients(videos: list[PhaseVideo]) -> None:
 # ------------------------------------------------------------------------------------------------ pixels
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
 def iter_video_frames(path: Path, fps: float) -> Iterator[np.ndarray]:
     """RGB uint8 frames of ``path`` at ``fps``; frame i is the first decoded frame at or after time i / fps
     (gaps in variable-frame-rate streams repeat it), so indices line up with annotations at ``fps``."""

@@ -22,7 +22,6 @@ import copy
 import csv
 import hashlib
 import json
-import random
 import sys
 import time
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from meddino.devices import autocast, pick_device
+from meddino.devices import autocast, pick_device, seed_everything
 from meddino.errors import ConfigError, DataError
 from meddino.metrics.phase import pooled_f1_at_k, summarize, video_metrics
 from meddino.runlog import Progress, RunDir, atomic_path, atomic_write, track, write_json
@@ -46,12 +45,6 @@ MODEL_FORMAT = "meddino-phase"
 
 
 # ------------------------------------------------------------------------------------------- utilities
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def class_weights(labels: Sequence[np.ndarray], num_classes: int, kind: str) -> Tensor | None:

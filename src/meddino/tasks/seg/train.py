@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import csv
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from meddino.devices import autocast, pick_device
+from meddino.devices import autocast, pick_device, seed_everything
 from meddino.errors import ConfigError, DataError
 from meddino.tasks.seg.config import SegConfig
 from meddino.tasks.seg.data import FrameDataset, SegCase, SegData, load_seg_data, make_folds, read_case, scan
@@ -82,12 +81,6 @@ def backbone_warmup(step: int, head_steps: int, ramp_steps: int) -> float:
     if ramp_steps <= 0:
         return 1.0
     return min(1.0, (step - head_steps + 1) / ramp_steps)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def build_model(cfg: SegConfig, num_classes: int) -> tuple[SegmentationModel, tuple[int, int], tuple, tuple]:
