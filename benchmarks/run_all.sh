@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run every benchmark with the settings used for benchmarks/results/*.json; each prints one JSON object.
+# Usage: bash benchmarks/run_all.sh [cpu|cuda]   (results go to benchmarks/results/<name>_<device>.json)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+device="${1:-cpu}"
+out=benchmarks/results
+mkdir -p "$out"
+run() { local name=$1; shift; echo "== $name" >&2; python "benchmarks/$name.py" "$@" > "$out/${name}_${device}.json"; }
+if [ "$device" = "cpu" ]; then
+    run data_pipeline --n 64 --repeats 3
+    run linear_grid --n 20000 --repeats 2
+    run seg_inference --size 224 --iters 20 --baselines
+    run phase_online --frames 50 --warmup 5
+    run pretrain_throughput --batch 4 --steps 3
+else
+    run linear_grid --device cuda
+    run seg_inference --device cuda --size 224 --iters 100 --baselines
+    run phase_online --device cuda --frames 200
+    run pretrain_throughput --device cuda
+fi
