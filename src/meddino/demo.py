@@ -33,7 +33,7 @@ class DemoPlan:
 
 
 QUICK = DemoPlan(size=32, slice_step=2, iterations=60, batch_size=16, seg_epochs=4, linear_epochs=30, bootstrap=200)
-FULL = DemoPlan(size=64, slice_step=1, iterations=400, batch_size=16, seg_epochs=12, linear_epochs=60, bootstrap=1000)
+FULL = DemoPlan(size=64, slice_step=1, iterations=800, batch_size=16, seg_epochs=12, linear_epochs=60, bootstrap=1000)
 
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
