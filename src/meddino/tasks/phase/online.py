@@ -46,6 +46,7 @@ class PhasePredictor:
         from safetensors.torch import load_file
 
         from meddino.models import load_backbone
+        from meddino.models.checkpoints import load_into_strict
 
         root = Path(run_dir).expanduser()
         folder = root / "model" if (root / "model").is_dir() else root
@@ -65,9 +66,7 @@ class PhasePredictor:
             )
         mstcn = MSTCN(cfg)
         state = load_file(str(folder / "mstcn.safetensors"))
-        missing, unexpected = mstcn.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{folder / 'mstcn.safetensors'}: missing {missing[:3]} unexpected {unexpected[:3]}")
+        load_into_strict(mstcn, state, folder / "mstcn.safetensors")
         backbone = load_backbone(folder / "backbone.safetensors", img_size=int(meta["img_size"]))
         return cls(backbone, mstcn, meta, device)
 

@@ -26,6 +26,7 @@ from PIL import Image
 
 from meddino.devices import autocast, pick_device
 from meddino.errors import CheckpointError, DataError, require_file
+from meddino.models.checkpoints import load_into_strict
 from meddino.tasks.seg.heads import SegmentationModel
 
 MODEL_FORMAT = "meddino-seg"
@@ -121,10 +122,7 @@ def load_seg_model(path: str | Path, fold: int | None = None) -> tuple[Segmentat
         state = load_file(str(require_file(weights, "model weights")))
     except (OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"unreadable model weights {weights}: {str(exc).splitlines()[0]}") from None
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{weights}: does not match model.json (missing {result.missing_keys[:3]}, "
-                              f"unexpected {result.unexpected_keys[:3]})")
+    load_into_strict(model, state, weights)
     meta["fold"] = fold
     return model.eval(), meta
 
