@@ -356,3 +356,17 @@ def test_convert_cli(tmp_path, cli, x):
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_export_of_hf_dinov1_keeps_its_layernorm_eps(tmp_path, x):
+    """HF's DINOv1 ports use LayerNorm eps 1e-12: the export records it outside timm's kwargs."""
+    model = _hf_model("vit")
+    model.save_pretrained(tmp_path / "hf")
+    backbone = load_backbone(tmp_path / "hf")
+    path = export_backbone(backbone, tmp_path / "exported")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["norm_eps"] == 1e-12 and "norm_eps" not in meta["timm_kwargs"]
+    with torch.no_grad():
+        ref = model(pixel_values=x).last_hidden_state
+    torch.testing.assert_close(_features(load_backbone(path), x), ref, atol=ATOL, rtol=0)
+    timm.create_model(meta["timm_name"], pretrained=False, num_classes=0, **meta["timm_kwargs"])  # plain timm builds it

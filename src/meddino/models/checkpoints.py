@@ -434,6 +434,8 @@ def _load_export(
         load_into_strict(model.model, state, weights)
         return model
     kwargs = dict(meta.get("timm_kwargs", {}))
+    if meta.get("norm_eps") is not None:
+        kwargs["norm_eps"] = float(meta["norm_eps"])
     stored = kwargs.get("img_size")
     if img_size is not None:
         kwargs["img_size"] = int(img_size)
@@ -452,7 +454,8 @@ def export_backbone(module: nn.Module, path: str | Path) -> Path:
     """Write ``path`` (.safetensors, timm key layout) and a JSON sidecar describing the architecture.
 
     Plain timm reads it: ``m = timm.create_model(j["timm_name"], num_classes=0, **j["timm_kwargs"]);
-    m.load_state_dict(safetensors.torch.load_file(path))``. Both files are written atomically.
+    m.load_state_dict(safetensors.torch.load_file(path))`` (and, when ``j["norm_eps"]`` is set, that eps on
+    every LayerNorm, as for Hugging Face DINOv1 ports). Both files are written atomically.
     """
     from safetensors.torch import save_file
 
@@ -469,12 +472,15 @@ def export_backbone(module: nn.Module, path: str | Path) -> Path:
         raise TypeError(f"export_backbone needs a meddino Backbone, got {type(module).__name__}")
     state = {k: v.detach().contiguous().cpu() for k, v in target.state_dict().items()}
     arch = module.arch
+    timm_kwargs = dict(arch.get("kwargs", {}))
+    norm_eps = timm_kwargs.pop("norm_eps", None)  # not a timm option: applied to every LayerNorm on load
     meta = {
         "format": EXPORT_FORMAT,
         "format_version": 1,
         "timm_name": arch["timm_name"],
         "version": arch["version"],
-        "timm_kwargs": {**arch.get("kwargs", {}), **_timm_defaults_note()},
+        "timm_kwargs": {**timm_kwargs, **_timm_defaults_note()},
+        "norm_eps": norm_eps,
         "embed_dim": module.embed_dim,
         "patch_size": module.patch_size,
         "weights": path.name,
