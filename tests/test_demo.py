@@ -15,11 +15,11 @@ def test_demo_quick_produces_report(tmp_path, cli):
     report = tmp_path / "demo" / "report" / "report.html"
     assert report.is_file() and f"open {report}" in res.stdout
     html = report.read_text()
-    for section in ("Ranking stability", "Training curves", "PCA"):
+    for section in ("Ranking stability", "Training curves", "PCA", "metric vs iteration: classification"):
         assert section in html
     assert len(re.findall(r'<img src="data:image/png;base64,', html)) >= 4
     runs = tmp_path / "demo" / "runs"
-    for run in ("knn_m0", "knn_m1", "linear_m0", "linear_m1", "seg_m0", "seg_m1"):
+    for run in ("knn_m0", "knn_m1", "knn_it30", "linear_m0", "linear_m1", "seg_m0", "seg_m1"):
         results = json.loads((runs / run / "results.json").read_text())
         assert results["metrics"], run
     assert (runs / "pretrain" / "teacher_backbone.safetensors").is_file()

@@ -6,7 +6,8 @@
    from it;
 3. start vs continued backbone: kNN and linear probe (patient-level folds) and a frozen-encoder linear
    segmentation head;
-4. PCA feature maps of both, bootstrap ranks and the HTML report.
+4. kNN on the intermediate checkpoint too (metric vs pretraining iteration), PCA feature maps of both
+   backbones, bootstrap ranks and the HTML report.
 
 Every step is the real CLI verb run in this process, so the demo exercises exactly what users run.
 """
@@ -97,7 +98,10 @@ def run_demo(out: Path, plan: DemoPlan = FULL) -> Path:
          f"out={pretrain_dir}", f"train.iterations={plan.iterations}", f"data.batch_size={plan.batch_size}",
          f"crops.global_size={plan.size}", f"crops.local_size={plan.size // 2}",
          f"train.checkpoint_every={max(plan.iterations // 2, 1)}", "resume=auto")
-    continued = pretrain_dir / "teacher_backbone.safetensors"
+    # the per-checkpoint exports carry their iteration in the name, so the report can plot metric vs iteration;
+    # the last one holds the same weights as OUT/teacher_backbone.safetensors
+    snapshots = sorted((pretrain_dir / "checkpoints").glob("teacher_backbone_*.safetensors"))
+    continued = snapshots[-1] if snapshots else pretrain_dir / "teacher_backbone.safetensors"
     backbones = {"start (random init)": start, "continued DINOv2": continued}
 
     _step(3, "patient-level folds for the labelled slices")
@@ -115,6 +119,12 @@ def run_demo(out: Path, plan: DemoPlan = FULL) -> Path:
              f"model_name={name}", "dataset_name=MNI152 tissue", "head=linear", f"data.image_size={plan.size}",
              f"data.classes={list(SEG_CLASSES)}", "data.folds=3", f"train.epochs={plan.seg_epochs}",
              f"out={runs / f'seg_{tag}'}")
+
+    for snapshot in snapshots[:-1]:  # kNN along the pretraining run
+        iteration = int(snapshot.stem.rsplit("_", 1)[-1])
+        _run("eval", "knn", "--config", "knn_tiny", f"data.manifest={folds}", f"backbone={snapshot}",
+             f"model_name=continued DINOv2 (iteration {iteration})", "dataset_name=MNI152 level",
+             f"data.img_size={plan.size}", f"out={runs / f'knn_it{iteration}'}")
 
     _step(5, "PCA feature maps of both backbones")
     labels = []
