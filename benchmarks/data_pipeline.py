@@ -3,11 +3,11 @@
 Both pipelines turn 854 x 480 JPEG frames into 2 x 224 + 8 x 96 normalised crops with the DINOv2 recipe
 (blur quirk 0.0 / 0.9 / 0.5, solarise 0.2 on global crop 2, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale
 0.2, flip 0.5, bicubic RandomResizedCrop global (0.32, 1) local (0.05, 0.32)), single process, one thread,
-in the same run. The reference is written here with the torchvision v1 transforms API on PIL images, the
-way the official DINOv2 data pipeline is built; meddino's path is ``MultiCropAugmentation`` reading the
-file itself. Prints one JSON object: both rates, their ratio, machine info, and a check that the outputs
-agree in distribution (per-channel pixel mean/std of global and local crops, and the histogram of crop
-area fractions against the sampler's uniform scale law).
+in the same run, their timed passes interleaved. The reference is written here with the torchvision v1
+transforms API on PIL images, the way the official DINOv2 data pipeline is built; meddino's path is
+``MultiCropAugmentation`` reading the file itself. Prints one JSON object: both rates, their ratio, machine
+info, and a check that the outputs agree in distribution (per-channel pixel mean/std of global and local
+crops, and the histogram of crop area fractions against the sampler's uniform scale law).
 
     python benchmarks/data_pipeline.py [--n 64] [--repeats 3] [--threads 1]
 """
@@ -84,21 +84,31 @@ def reference_pipeline():
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def measure(fn, paths: list[Path], repeats: int) -> tuple[float, float, list[dict[str, torch.Tensor]]]:
-    """Best of ``repeats`` passes: (images per CPU-second of this process, images per wall second, outputs).
+Rates = tuple[float, float, list[dict[str, torch.Tensor]]]
+
+
+def measure(fns: dict, paths: list[Path], repeats: int) -> dict[str, Rates]:
+    """Best of ``repeats`` passes per pipeline: name -> (images per CPU-second of this process, images per
+    wall second, outputs of its last pass).
 
     CPU time (``time.process_time``) is the per-core figure: it is what one core delivers, and it does not
-    drop when other processes share the machine; wall time is reported beside it."""
-    outputs = [fn(p, i) for i, p in enumerate(paths[:4])]  # warm-up
-    best_cpu = best_wall = 0.0
+    drop when other processes share the machine; wall time is reported beside it. The pipelines' passes are
+    interleaved (pass r of each, in turn, then pass r + 1), so that load from other processes on a shared
+    machine (which slows a core even in CPU time: shared caches, SMT siblings, clocks) hits all pipelines
+    alike instead of biasing their ratio; best-of-repeats then keeps each one's least disturbed pass."""
+    outputs = {name: [fn(p, i) for i, p in enumerate(paths[:4])] for name, fn in fns.items()}  # warm-up
+    best_cpu = dict.fromkeys(fns, 0.0)
+    best_wall = dict.fromkeys(fns, 0.0)
     for r in range(repeats):
-        outputs = []
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        for i, p in enumerate(paths):
-            outputs.append(fn(p, r * len(paths) + i))
-        best_cpu = max(best_cpu, len(paths) / (time.process_time() - cpu0))
-        best_wall = max(best_wall, len(paths) / (time.perf_counter() - wall0))
-    return best_cpu, best_wall, outputs
+        for name, fn in fns.items():
+            out = []
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            for i, p in enumerate(paths):
+                out.append(fn(p, r * len(paths) + i))
+            best_cpu[name] = max(best_cpu[name], len(paths) / (time.process_time() - cpu0))
+            best_wall[name] = max(best_wall[name], len(paths) / (time.perf_counter() - wall0))
+            outputs[name] = out
+    return {name: (best_cpu[name], best_wall[name], outputs[name]) for name in fns}
 
 
 def per_sample_stats(outputs: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
@@ -178,8 +188,9 @@ def main() -> None:
         def run_ours(path: Path, i: int) -> dict[str, torch.Tensor]:
             return aug(path, sample_generator(0, 0, i))
 
-        ref_rate, ref_wall, ref_out = measure(run_ref, paths, args.repeats)
-        our_rate, our_wall, our_out = measure(run_ours, paths, args.repeats)
+        rates = measure({"reference": run_ref, "meddino": run_ours}, paths, args.repeats)
+        ref_rate, ref_wall, ref_out = rates["reference"]
+        our_rate, our_wall, our_out = rates["meddino"]
     pixel = compare_stats(per_sample_stats(ref_out), per_sample_stats(our_out))
     report = {
         "benchmark": "data_pipeline",

@@ -250,3 +250,46 @@ def test_collate_is_crop_major_and_drops_skipped() -> None:
     assert len(batch["skipped"]) == 2
     empty = collate_multicrop([Skipped("a", "b")])
     assert empty["global"] is None and empty["size"] == 0 and len(empty["skipped"]) == 1
+
+
+def test_hue_per_pixel_against_torchvision_many_shifts() -> None:
+    """The modulo-free hue rotation is exact: every pixel of random and tie-heavy images (quantised levels,
+    grey pixels, equal channels), for shifts over the whole [-0.5, 0.5] range, scalar, batched and in place,
+    agrees with torchvision's HSV adjust_hue up to float32 rounding (2e-6, no approximation)."""
+    gen = torch.Generator().manual_seed(0)
+    for shift in torch.linspace(-0.5, 0.5, 41).tolist():
+        x = torch.rand(3, 40, 48, generator=gen)
+        x[:, :10] = torch.randint(0, 256, (3, 10, 48), generator=gen) / 255.0  # many exact ties
+        x[:, 10:14] = x[0:1, 10:14]  # grey
+        x[1, 14:18] = x[0, 14:18]  # R == G
+        x[2, 18:22] = x[1, 18:22]  # G == B
+        torch.testing.assert_close(mc.adjust_hue(x, shift), TF.adjust_hue(x, shift), atol=2e-6, rtol=0)
+    batch = torch.rand(6, 3, 24, 24, generator=gen)
+    shifts = torch.rand(6, generator=gen) - 0.5
+    expected = torch.stack([TF.adjust_hue(batch[i], float(shifts[i])) for i in range(6)])
+    torch.testing.assert_close(mc.adjust_hue(batch, shifts), expected, atol=2e-6, rtol=0)
+    small = shifts * 0.2  # the ColorJitter range (|shift| <= 0.1): the path without any wrap
+    expected = torch.stack([TF.adjust_hue(batch[i], float(small[i])) for i in range(6)])
+    inplace = batch.clone()
+    assert mc.adjust_hue(inplace, small, out=inplace) is inplace
+    torch.testing.assert_close(inplace, expected, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("factor", [0.6, 1.0, 1.37])
+def test_in_place_colour_ops_match_the_functional_kernels(factor: float) -> None:
+    x = _float_img()
+    for op, fn in enumerate((mc.adjust_brightness, mc.adjust_contrast, mc.adjust_saturation)):
+        y = x.clone()
+        mc._COLOR_OPS_(op, y, factor)
+        torch.testing.assert_close(y, fn(x, factor), atol=1e-6, rtol=0)
+    y = x.clone()
+    mc._COLOR_OPS_(3, y, factor / 20)
+    torch.testing.assert_close(y, mc.adjust_hue(x, factor / 20), atol=0, rtol=0)
+
+
+def test_blur_in_place_into_a_batch_slice() -> None:
+    x = torch.rand(4, 3, 20, 22)
+    sig = torch.tensor([0.3, 1.9], dtype=torch.float64)
+    expected = mc.gaussian_blur(x[1:3].clone(), sig, 9)
+    assert mc.gaussian_blur(x[1:3], sig, 9, out=x[1:3]).data_ptr() == x[1:3].data_ptr()
+    torch.testing.assert_close(x[1:3], expected, atol=0, rtol=0)

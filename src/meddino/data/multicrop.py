@@ -25,10 +25,14 @@ How it is fast without changing the output distribution:
    than from the full-size image (large frames, e.g. 1080p surgical video, decode at 1/2).
 3. Each crop is cut as a view of the decoded uint8 array and resized with the native uint8 bicubic
    antialiased kernel (no PIL round trip, no per-crop float copy of the source).
-4. Colour ops run in float32 on [0, 1], written in place into one batch per crop size; the two costly
-   ones (hue, blur) run once per crop size with per-view parameters, hue split out of each view's random
-   jitter order so that every view still gets its own ops in its own order. Blur is a sum of shifted
-   slices (several times faster on CPU than a grouped conv2d); hue avoids boolean masks.
+4. Flips are done on the uint8 crops. Colour ops run in float32 on [0, 1], in place, in one batch per crop
+   size whose rows are ordered so that the jittered views and the blurred views are each one contiguous
+   slice; the two costly ops (hue, blur) run once per crop size on that slice with per-view parameters,
+   hue split out of each view's random jitter order so that every view still gets its own ops in its own
+   order; one gather then puts the rows back in view order and the normalisation is a broadcast
+   multiply-add. Blur is a
+   sum of shifted slices (several times faster on CPU than a grouped conv2d); hue is an exact HSV rotation
+   without boolean masks or a modulo (see :func:`adjust_hue`).
 
 Deliberate differences from the PIL reference, all below one grey level: PIL quantises to uint8 after
 every colour op and stores hue as a byte; here colour ops stay in float32 and are clamped to [0, 1] after
@@ -173,6 +177,8 @@ class MultiCropAugmentation:
         self.blur_taps = 13 if version == "v1" else 9
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._norm_scale = 1.0 / self.std
+        self._norm_bias = -self.mean / self.std
         self.draft = draft
 
     def __repr__(self) -> str:
@@ -278,54 +284,59 @@ class MultiCropAugmentation:
         return out
 
     def _views(self, src: torch.Tensor, views: Sequence[ViewParams], size: int, sy: float, sx: float) -> torch.Tensor:
-        """Crop+resize each view (uint8), then apply its ops on its slice of one float batch.
+        """Crop+resize (+flip) each view in uint8, then apply its ops on its slice of one float batch.
 
-        The cheap ops run per view, in place. The two costly ones run once for all views of this size with
-        per-view parameters: hue (each view's random jitter order is split at its hue op: the ops before it
-        run first, then hue on every jittered view at once, then the ops after it -- every view still gets
-        its own ops in its own order) and blur (the last op before solarisation). Measured on CPU this beats
-        both a plain per-view loop (per-call overhead on 8 small crops) and a fully batched form.
+        The views are stacked in an order that makes the jittered ones one contiguous block and the blurred
+        ones another (jitter only, jitter + blur, blur only, neither), so the two costly ops (hue, blur) run
+        once on a slice of the batch, in place, with per-view parameters and no gather/scatter; one gather
+        puts the rows back in view order before the normalisation. Hue is split out of each view's random
+        jitter order: the ops before it run first, then hue on every jittered view at once, then the ops
+        after it -- every view still gets its own ops in its own order. The cheap per-view ops run in place.
         """
-        if not views:
+        n = len(views)
+        if not n:
             return torch.empty(0, 3, size, size)
         h, w = src.shape[1], src.shape[2]
-        crops = [resized_crop_uint8(src, _scale_box(p, sy, sx, h, w), size) for p in views]
-        x = torch.cat(crops).float().div_(255.0)  # [N, 3, S, S]
-        jittered = []
-        for i, p in enumerate(views):
-            view = x[i]
-            if p.flip:
-                view.copy_(view.flip(-1))
-            if p.jitter is not None:
-                jittered.append(i)
-                for op in p.order[: p.order.index(3)]:
-                    view.copy_(_COLOR_OPS[op](view, p.jitter[op]))
-        if jittered:
-            shifts = torch.tensor([views[i].jitter[3] for i in jittered])  # type: ignore[index]
-            x = _on_subset(x, jittered, lambda y: adjust_hue(y, shifts))
-        for i, p in enumerate(views):
-            view = x[i]
+        jit = [p.jitter is not None for p in views]
+        blr = [p.blur_sigma is not None for p in views]
+        perm = sorted(range(n), key=lambda i: (0 if not blr[i] else 1) if jit[i] else (2 if blr[i] else 3))
+        crops = []
+        for i in perm:
+            crop = resized_crop_uint8(src, _scale_box(views[i], sy, sx, h, w), size)
+            crops.append(crop.flip(-1) if views[i].flip else crop)  # flip is the first op: exact on uint8
+        x = torch.div(torch.cat(crops), 255.0)  # float [N, 3, S, S] in one pass, rows in ``perm`` order
+        n_jit, n_blur = sum(jit), sum(blr)
+        for pos, i in enumerate(perm[:n_jit]):
+            p = views[i]
+            for op in p.order[: p.order.index(3)]:
+                _COLOR_OPS_(op, x[pos], p.jitter[op])  # type: ignore[index]
+        if n_jit:
+            shifts = torch.tensor([views[i].jitter[3] for i in perm[:n_jit]])  # type: ignore[index]
+            adjust_hue(x[:n_jit], shifts, out=x[:n_jit])
+        for pos, i in enumerate(perm):
+            p = views[i]
+            view = x[pos]
             if p.jitter is not None:
                 for op in p.order[p.order.index(3) + 1 :]:
-                    view.copy_(_COLOR_OPS[op](view, p.jitter[op]))
+                    _COLOR_OPS_(op, view, p.jitter[op])
             if p.gray:
                 view.copy_(rgb_to_gray(view).expand(3, -1, -1))
-        blurred = [i for i, p in enumerate(views) if p.blur_sigma is not None]
-        if blurred:
-            sigmas = torch.tensor([views[i].blur_sigma for i in blurred], dtype=torch.float64)
-            x = _on_subset(x, blurred, lambda y: gaussian_blur(y, sigmas, self.blur_taps))
-        for i, p in enumerate(views):
-            if p.solarize:
-                x[i] = solarize(x[i])
-        return x.sub_(self.mean).div_(self.std)
-
-
-def _on_subset(x: torch.Tensor, rows: list[int], fn: Any) -> torch.Tensor:
-    """``fn`` applied to ``x[rows]`` and written back (the whole batch without a gather when rows is all)."""
-    if len(rows) == x.shape[0]:
-        return fn(x)
-    idx = torch.tensor(rows)
-    return x.index_copy_(0, idx, fn(x.index_select(0, idx)))
+        if n_blur:
+            lo = sum(1 for i in range(n) if jit[i] and not blr[i])
+            sigmas = torch.tensor([views[i].blur_sigma for i in perm[lo : lo + n_blur]], dtype=torch.float64)
+            gaussian_blur(x[lo : lo + n_blur], sigmas, self.blur_taps, out=x[lo : lo + n_blur])
+        for pos, i in enumerate(perm):
+            if views[i].solarize:
+                view = x[pos]
+                torch.minimum(view, 1.0 - view, out=view)
+        if perm != list(range(n)):
+            inv = [0] * n
+            for pos, i in enumerate(perm):
+                inv[i] = pos
+            x = x.index_select(0, torch.tensor(inv))
+        # normalise: (x - mean) / std as x * (1 / std) - mean / std (within 1e-6 of it; broadcast mul_/add_
+        # are the fastest form on CPU, a broadcast addcmul is several times slower)
+        return x.mul_(self._norm_scale).add_(self._norm_bias)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -389,45 +400,76 @@ def adjust_saturation(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Te
     return (x * f).add_(rgb_to_gray(x) * (1.0 - f)).clamp_(0.0, 1.0)
 
 
-def adjust_hue(x: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
+def adjust_hue(x: torch.Tensor, shift: float | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate the HSV hue by ``shift`` (fraction of a turn, in [-0.5, 0.5]) keeping S and V.
 
-    Hue in sextants from the hexcone formulas (R max: (G-B)/d, G max: 2+(B-R)/d, B max: 4+(R-G)/d with
-    d = max - min), then back with ``c_n = max - d clamp(min(k_n, 4 - k_n), 0, 1)``,
-    ``k_n = (n + hue) mod 6`` for n = 5, 3, 1 (R, G, B). A grey pixel (d = 0) stays unchanged.
+    Hue ``h`` in sextants from the hexcone formulas (R max: (G-B)/d, G max: 2+(B-R)/d, B max: 4+(R-G)/d,
+    d = max - min, ties R before G before B as torchvision), in [-1, 5), plus ``6 shift``; it is wrapped into
+    [0, 6) only when |shift| > 1/6, so h lies in [-2, 6] (ColorJitter's hue 0.1 never wraps).
+    HSV -> RGB: ``c_n = max - d clamp(min(k_n, 4 - k_n), 0, 1)``, ``k_n = (n + h) mod 6``, n = 5, 3, 1 for
+    R, G, B; that is ``max - d clamp(2 - dist_n, 0, 1)`` with ``dist_n`` the circular distance (period 6)
+    from h to 3, 5, 1. With ``a = | |h - centre| - 3 |``, ``dist = 3 - a`` when ``|h - centre| <= 6``; for
+    ``6 < |h - centre| <= 7`` (only |h - 5| gets there) ``dist <= 1`` and ``a - 1 >= 2``, both clamp to 1.
+    So ``c_n = max - d clamp(a - 1, 0, 1)`` exactly, without a modulo: 7 passes per channel. A grey pixel
+    (d = 0) stays unchanged. ``out`` may be ``x`` itself (in place): every read of ``x`` comes first.
     """
     r, g, b = x.unbind(-3)
-    # Written with in-place ops and few temporaries: fresh large allocations (page faults) dominate otherwise.
+    # In-place ops and few temporaries: fresh large allocations (page faults) dominate otherwise.
     maxc = torch.maximum(r, g)
     torch.maximum(maxc, b, out=maxc)
     delta = torch.minimum(r, g)
     torch.minimum(delta, b, out=delta)
     torch.sub(maxc, delta, out=delta)
     inv = delta.clamp(min=1e-12).reciprocal_()
-    # Which channel is the max, as exact 0/1 floats (ties: R before G before B, as the usual formulas);
-    # float arithmetic instead of boolean masks and torch.where, which are several times slower on CPU.
-    is_r = torch.maximum(g, b).sub_(r).mul_(-_BIG).add_(1.0).clamp_(0.0, 1.0)
-    is_g = torch.sub(g, b).mul_(_BIG).add_(1.0).clamp_(0.0, 1.0)
+    # Which channel is the max, as exact 0/1 floats (ties: R before G before B): comparisons written into a
+    # float tensor are as cheap as a subtraction, unlike boolean masks and torch.where.
+    is_r = torch.empty_like(maxc)
+    torch.eq(r, maxc, out=is_r)
+    is_g = torch.empty_like(maxc)
+    torch.eq(g, maxc, out=is_g)
     is_g.addcmul_(is_g, is_r, value=-1.0)
     hue = torch.sub(r, g).mul_(inv).add_(4.0)  # B is max
     d_r = torch.sub(g, b).mul_(inv).sub_(hue)  # R is max, minus the B formula
     d_g = torch.sub(b, r).mul_(inv).add_(2.0).sub_(hue)
     hue.addcmul_(is_r, d_r).addcmul_(is_g, d_g)
     hue.add_(6.0 * shift if isinstance(shift, (int, float)) else 6.0 * _factor(shift, hue))
-    out = torch.empty_like(x)
-    k, tmp = d_r, d_g
-    for c, n in enumerate((5.0, 3.0, 1.0)):
-        torch.add(hue, n, out=k)
-        torch.mul(k, 1.0 / 6.0, out=tmp).floor_().mul_(6.0)
-        k.sub_(tmp)  # mod 6 (floor is vectorised, fmod is not)
-        torch.neg(k, out=tmp).add_(4.0)
-        torch.minimum(k, tmp, out=k).clamp_(0.0, 1.0)
-        torch.sub(maxc, k.mul_(delta), out=out.select(-3, c))
+    if isinstance(shift, (int, float)):
+        max_shift = abs(float(shift))
+    else:
+        max_shift = float(shift.abs().max()) if shift.numel() else 0.0
+    if 6.0 * max_shift > 1.0:  # h could leave [-2, 6]: wrap it into [0, 6) (ColorJitter's 0.1 never needs it)
+        hue.sub_(torch.mul(hue, 1.0 / 6.0).floor_().mul_(6.0))
+    if out is None:
+        out = torch.empty_like(x)
+    k = d_r
+    for c, centre in enumerate((3.0, 5.0, 1.0)):
+        torch.sub(hue, centre, out=k).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
+        # c = min + d (1 - k) = max - d k (max - d is min up to rounding; this is torchvision's form)
+        torch.addcmul(maxc, delta, k, value=-1.0, out=out.select(-3, c))
     return out.clamp_(0.0, 1.0)
 
 
 _BIG = 2.0**60
 _COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def _COLOR_OPS_(op: int, x: torch.Tensor, f: float) -> None:
+    """Brightness (0), contrast (1) or saturation (2) of one float image, in place: the same arithmetic as
+    :func:`adjust_brightness` etc. without their output copy. Hue (3) is batched separately."""
+    if op == 0:
+        x.mul_(f)
+    elif op == 1:
+        # mean luma as the luma of the channel means (one reduction pass instead of a grey image)
+        m = x.mean(dim=(-2, -1)).tolist()
+        mean = m[0] * GRAY_WEIGHTS[0] + m[1] * GRAY_WEIGHTS[1] + m[2] * GRAY_WEIGHTS[2]
+        x.mul_(f).add_(mean * (1.0 - f))
+    elif op == 2:
+        gray = rgb_to_gray(x)
+        x.mul_(f).add_(gray, alpha=1.0 - f)
+    else:
+        x.copy_(adjust_hue(x, f))
+        return
+    x.clamp_(0.0, 1.0)
 
 
 def gaussian_kernel1d(sigma: float | torch.Tensor, taps: int) -> torch.Tensor:
@@ -440,10 +482,12 @@ def gaussian_kernel1d(sigma: float | torch.Tensor, taps: int) -> torch.Tensor:
     return (k / k.sum(dim=-1, keepdim=True)).to(torch.float32)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float | torch.Tensor, taps: int) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: float | torch.Tensor, taps: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Separable Gaussian blur of [C, H, W] (one sigma) or [N, C, H, W] (a float or N sigmas), reflect
     padding (replicate when the image is smaller than the kernel), as a sum of shifted slices: several
-    times faster on CPU than a grouped conv2d."""
+    times faster on CPU than a grouped conv2d. ``out`` (same shape as ``x``, may be ``x`` itself): where to
+    write the result."""
     squeeze = x.dim() == 3
     if squeeze:
         x = x.unsqueeze(0)
@@ -457,10 +501,12 @@ def gaussian_blur(x: torch.Tensor, sigma: float | torch.Tensor, taps: int) -> to
     rows = xp[..., :, 0:w] * kv[..., 0]
     for i in range(1, taps):
         rows.addcmul_(xp[..., :, i : i + w], kv[..., i])
-    out = rows[..., 0:h, :] * kv[..., 0]
+    res = torch.mul(rows[..., 0:h, :], kv[..., 0], out=out.view(n, c, h, w) if out is not None else None)
     for i in range(1, taps):
-        out.addcmul_(rows[..., i : i + h, :], kv[..., i])
-    return out[0] if squeeze else out
+        res.addcmul_(rows[..., i : i + h, :], kv[..., i])
+    if out is not None:
+        return out
+    return res[0] if squeeze else res
 
 
 def solarize(x: torch.Tensor, threshold: float = 128.0) -> torch.Tensor:
