@@ -210,3 +210,25 @@ def test_online_knn_monitor_is_logged(images, tmp_path):
     assert [r["step"] for r in knn] == [2, 4]
     assert all(0.0 <= r["knn_top1"] <= 1.0 and r["knn_n_val"] == 8 for r in knn)
     json.dumps(knn)
+
+
+def test_resume_with_another_architecture_is_one_line(tmp_path, capsys):
+    """Changing the model between a run and its resume is a user mistake: one line, exit 2."""
+    import numpy as np
+    from PIL import Image
+
+    from meddino.cli import main
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    common = ["pretrain", "--config", "dinov1_tiny", f"data.path={data}", f"out={tmp_path / 'run'}",
+              "data.batch_size=4", "train.checkpoint_every=2"]
+    assert main([*common, "train.iterations=2"]) == 0
+    capsys.readouterr()
+    code = main([*common, "train.iterations=4", "resume=auto", "model.head.hidden_dim=96"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "resume" in err[0] and "(student)" in err[0], err

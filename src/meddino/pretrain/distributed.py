@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from meddino.errors import ConfigError
+from meddino.errors import CheckpointError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -153,10 +153,15 @@ def full_state_dict(module: nn.Module, sharded: bool) -> dict[str, torch.Tensor]
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor], sharded: bool) -> None:
-    """Load a complete (unsharded) state dict, scattering it into the shards under FSDP2."""
+def load_full_state_dict(
+    module: nn.Module, state: dict[str, torch.Tensor], sharded: bool, source: str = "resume checkpoint"
+) -> None:
+    """Load a complete (unsharded) state dict, scattering it into the shards under FSDP2; a checkpoint of
+    another architecture (e.g. the config changed before ``resume``) is refused with one line."""
     if not sharded:
-        module.load_state_dict(state)
+        from meddino.models.checkpoints import load_into_strict
+
+        load_into_strict(module, state, source)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -167,4 +172,6 @@ def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor], shar
     result = set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=False))
     missing = [k for k in result.missing_keys if k in canonical]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"state dict mismatch: missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]}")
+        raise CheckpointError(
+            f"{source}: does not match the model (missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})"
+        )

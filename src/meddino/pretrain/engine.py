@@ -311,10 +311,11 @@ class Trainer:
             raise CheckpointError(f"resume: {path} was written with train.fsdp={state.get('fsdp', False)}; "
                                   "resume with the same setting")
         try:
-            load_full_state_dict(self.student, state["student"], self.sharded)
-            load_full_state_dict(self.objective.teacher, state["teacher"], self.sharded)
+            load_full_state_dict(self.student, state["student"], self.sharded, f"resume {path} (student)")
+            load_full_state_dict(self.objective.teacher, state["teacher"], self.sharded, f"resume {path} (teacher)")
             if self.objective.gram_teacher is not None and state.get("gram_teacher") is not None:
-                load_full_state_dict(self.objective.gram_teacher, state["gram_teacher"], self.sharded)
+                load_full_state_dict(self.objective.gram_teacher, state["gram_teacher"], self.sharded,
+                                     f"resume {path} (Gram teacher)")
             if self.sharded:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
