@@ -22,8 +22,6 @@ from meddino.report.build import (
     ReportConfig,
     bootstrap_group,
     make_report,
-    paired_from_samples,
-    percentile_interval,
     run_report,
 )
 from meddino.report.collect import (
@@ -282,10 +280,10 @@ def test_paired_from_samples_matches_stats_paired_difference_ci():
     draws = stats.bootstrap_indices(groups, 200, 4)
     sa = np.array([neg_mse(y[i], pa[i]) for i in draws])
     sb = np.array([neg_mse(y[i], pb[i]) for i in draws])
-    got = paired_from_samples(sa, sb, neg_mse(y, pa), neg_mse(y, pb))
+    got = stats.paired_from_samples(sa, sb, neg_mse(y, pa), neg_mse(y, pb))
     for k in ("diff", "lower", "upper", "frac_a_better", "frac_tie"):
         assert got[k] == pytest.approx(ref[k])
-    lo, hi, n_nan = percentile_interval(np.array([np.nan, 1.0, 2.0, 3.0]), 0.5)
+    lo, hi, n_nan = stats.percentile_interval(np.array([np.nan, 1.0, 2.0, 3.0]), 0.5)
     assert (lo, hi, n_nan) == (pytest.approx(1.5), pytest.approx(2.5), 1)
 
 

@@ -63,34 +63,6 @@ class ReportConfig(Schema):
 
 
 # ------------------------------------------------------------------------------------------ pure helpers
-def percentile_interval(samples: np.ndarray, alpha: float = 0.05) -> tuple[float, float, int]:
-    """(lower, upper, number of NaN samples): percentile interval over the finite samples."""
-    s = np.asarray(samples, dtype=np.float64)
-    finite = s[~np.isnan(s)]
-    if finite.size == 0:
-        return float("nan"), float("nan"), int(s.size)
-    lo, hi = np.percentile(finite, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(lo), float(hi), int(s.size - finite.size)
-
-
-def paired_from_samples(a: np.ndarray, b: np.ndarray, point_a: float, point_b: float,
-                        higher_is_better: bool = True, alpha: float = 0.05) -> dict[str, float | int]:
-    """Paired bootstrap difference A - B from scores already computed on the SAME resamples.
-
-    Same output as :func:`meddino.report.stats.paired_difference_ci` (``diff``, ``lower``, ``upper``,
-    ``frac_a_better``, ``frac_tie``, ``n_nan``), but reuses the per-model samples the ranking needs instead of
-    recomputing both metrics for every pair.
-    """
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    lo, hi, n_nan = percentile_interval(d, alpha)
-    finite = d[~np.isnan(d)]
-    better = finite > 0 if higher_is_better else finite < 0
-    return {"a": point_a, "b": point_b, "diff": point_a - point_b, "lower": lo, "upper": hi,
-            "frac_a_better": float(better.mean()) if finite.size else float("nan"),
-            "frac_tie": float((finite == 0).mean()) if finite.size else float("nan"),
-            "n_samples": int(d.size), "n_nan": n_nan}
-
-
 @dataclass
 class GroupBootstrap:
     """All models of one (task, dataset) scored on the same resamples."""
@@ -217,7 +189,7 @@ def _bootstrap(rep: Report) -> None:
                        for k in g.metrics}
         for m in g.models:
             for k in g.metrics:
-                lo, hi, n_nan = percentile_interval(g.samples[m][k], b.alpha)
+                lo, hi, n_nan = stats.percentile_interval(g.samples[m][k], b.alpha)
                 rep.tables.setdefault(f"{task}_bootstrap", []).append({
                     "task": task, "dataset": dataset, "model": m, "metric": k, "point": g.point[m][k],
                     "lower": lo, "upper": hi, "rank": point_ranks[k][m], "units": len(g.units),
@@ -227,8 +199,8 @@ def _bootstrap(rep: Report) -> None:
                 hib = higher_is_better(k)
                 pa, pb = g.point[ma][k], g.point[mb][k]
                 a, bb = (ma, mb) if (pa >= pb) == hib or math.isnan(pb) else (mb, ma)  # A = the better point
-                res = paired_from_samples(g.samples[a][k], g.samples[bb][k], g.point[a][k], g.point[bb][k],
-                                          hib, b.alpha)
+                res = stats.paired_from_samples(g.samples[a][k], g.samples[bb][k], g.point[a][k],
+                                                g.point[bb][k], hib, b.alpha)
                 rep.tables.setdefault(f"{task}_paired", []).append({
                     "task": task, "dataset": dataset, "metric": k, "model_a": a, "model_b": bb, **res})
 
@@ -427,7 +399,5 @@ __all__ = [
     "bootstrap_group",
     "entry_labels",
     "make_report",
-    "paired_from_samples",
-    "percentile_interval",
     "run_report",
 ]

@@ -113,9 +113,11 @@ def bootstrap_samples(
     )
 
 
-def _percentile_interval(samples: np.ndarray, alpha: float) -> tuple[float, float, int]:
+def percentile_interval(samples: Any, alpha: float = 0.05) -> tuple[float, float, int]:
+    """(lower, upper, number of NaN samples): the percentile interval over the finite samples."""
     if not 0 < alpha < 1:
         raise DataError(f"bootstrap: alpha must be in (0, 1), got {alpha}")
+    samples = np.asarray(samples, dtype=np.float64)
     finite = samples[~np.isnan(samples)]
     if finite.size == 0:
         return float("nan"), float("nan"), int(samples.size)
@@ -139,7 +141,7 @@ def bootstrap_ci(
     _n_rows(arrays)  # check the inputs before computing anything on them
     point = float(values_fn(*arrays))
     samples = bootstrap_samples(values_fn, *arrays, groups=groups, n_samples=n_samples, seed=seed)
-    lo, hi, n_nan = _percentile_interval(samples, alpha)
+    lo, hi, n_nan = percentile_interval(samples, alpha)
     finite = samples[~np.isnan(samples)]
     return {
         "point": point,
@@ -173,12 +175,22 @@ def paired_difference_ci(
     codes = _group_codes(groups, n)
     point_a = float(metric_fn(y_true, preds_a))
     point_b = float(metric_fn(y_true, preds_b))
-    diffs = []
+    samples_a, samples_b = [], []
     for idx in bootstrap_indices(codes, n_samples, seed):
         t = _take(y_true, idx)
-        diffs.append(float(metric_fn(t, _take(preds_a, idx))) - float(metric_fn(t, _take(preds_b, idx))))
-    d = np.asarray(diffs)
-    lo, hi, n_nan = _percentile_interval(d, alpha)
+        samples_a.append(float(metric_fn(t, _take(preds_a, idx))))
+        samples_b.append(float(metric_fn(t, _take(preds_b, idx))))
+    return paired_from_samples(np.asarray(samples_a), np.asarray(samples_b), point_a, point_b,
+                               higher_is_better, alpha)
+
+
+def paired_from_samples(
+    a: np.ndarray, b: np.ndarray, point_a: float, point_b: float, higher_is_better: bool = True, alpha: float = 0.05
+) -> dict[str, float | int]:
+    """Paired difference A - B from two models' metric values on the SAME resamples: point difference,
+    percentile interval, and the fractions of defined resamples where A beats / ties B."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    lo, hi, n_nan = percentile_interval(d, alpha)
     finite = d[~np.isnan(d)]
     better = finite > 0 if higher_is_better else finite < 0
     return {
@@ -189,7 +201,7 @@ def paired_difference_ci(
         "upper": hi,
         "frac_a_better": float(better.mean()) if finite.size else float("nan"),
         "frac_tie": float((finite == 0).mean()) if finite.size else float("nan"),
-        "n_samples": int(n_samples),
+        "n_samples": int(d.size),
         "n_nan": n_nan,
     }
 
