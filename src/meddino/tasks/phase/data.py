@@ -269,6 +269,27 @@ def _parse_phase_table(
     return np.array([frames[f] for f in range(n)], dtype=np.int64)
 
 
+def _official_split(name: str, ranges: dict[str, tuple[int, int]]) -> str | None:
+    """The official split of a numbered video (``ranges``: split -> first, last video number)."""
+    num = video_number(name)
+    if num is None:
+        return None
+    return next((split for split, (lo, hi) in ranges.items() if lo <= num <= hi), None)
+
+
+def _annotated_layout(
+    root: Path, files: list[Path], name_of, phases: list[str], numeric_base: int | None, source_fps: float,
+    fps: float, ranges: dict[str, tuple[int, int]],
+) -> tuple[list[str], list[PhaseVideo]]:
+    """One video per annotation file: labels resampled from ``source_fps`` to ``fps``, official splits."""
+    videos = []
+    for f in files:
+        name = name_of(f)
+        labels = resample_labels(_parse_phase_table(f, phases, numeric_base=numeric_base), source_fps, fps)
+        videos.append(PhaseVideo(name, find_source(root, name), labels, str(f), _official_split(name, ranges)))
+    return phases, videos
+
+
 def _autolaparo_layout(root: Path, fps: float) -> tuple[list[str], list[PhaseVideo]]:
     labels_dir = root / "labels"
     if not labels_dir.is_dir():
@@ -276,17 +297,8 @@ def _autolaparo_layout(root: Path, fps: float) -> tuple[list[str], list[PhaseVid
     files = sorted(labels_dir.glob("label_*.txt"), key=lambda p: natural_key(p.name))
     if not files:
         raise DataError(f"no label_XX.txt files in {labels_dir}")
-    phases = list(AUTOLAPARO_PHASES)
-    videos = []
-    for f in files:
-        name = f.stem.removeprefix("label_")
-        labels = resample_labels(_parse_phase_table(f, phases, numeric_base=1), 1.0, fps)
-        num = video_number(name)
-        split = None
-        if num is not None:
-            split = "train" if 1 <= num <= 10 else "val" if 11 <= num <= 14 else "test" if 15 <= num <= 21 else None
-        videos.append(PhaseVideo(name, find_source(root, name), labels, str(f), split))
-    return phases, videos
+    return _annotated_layout(root, files, lambda f: f.stem.removeprefix("label_"), list(AUTOLAPARO_PHASES),
+                             1, 1.0, fps, {"train": (1, 10), "val": (11, 14), "test": (15, 21)})
 
 
 def _cholec80_layout(root: Path, fps: float, annotation_fps: float) -> tuple[list[str], list[PhaseVideo]]:
@@ -296,17 +308,8 @@ def _cholec80_layout(root: Path, fps: float, annotation_fps: float) -> tuple[lis
     files = sorted(ann_dir.glob("*-phase.txt"), key=lambda p: natural_key(p.name))
     if not files:
         raise DataError(f"no <video>-phase.txt files in {ann_dir}")
-    phases = list(CHOLEC80_PHASES)
-    videos = []
-    for f in files:
-        name = f.name.removesuffix("-phase.txt")
-        labels = resample_labels(_parse_phase_table(f, phases, numeric_base=None), annotation_fps, fps)
-        num = video_number(name)
-        split = None
-        if num is not None:
-            split = "train" if 1 <= num <= 32 else "val" if 33 <= num <= 40 else "test" if 41 <= num <= 80 else None
-        videos.append(PhaseVideo(name, find_source(root, name), labels, str(f), split))
-    return phases, videos
+    return _annotated_layout(root, files, lambda f: f.name.removesuffix("-phase.txt"), list(CHOLEC80_PHASES),
+                             None, annotation_fps, fps, {"train": (1, 32), "val": (33, 40), "test": (41, 80)})
 
 
 def load_phase_dataset(
