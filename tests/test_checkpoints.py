@@ -258,6 +258,9 @@ def test_export_roundtrip_and_plain_timm(tmp_path, x, arch):
 
 
 def test_dinov2_518_checkpoint_loaded_at_224_matches_timm_resampling(tmp_path):
+    # The default mode is now the official DINOv2 one (+0.1 offset, no antialias; see tests/test_pos_embed.py)
+    # and the stored 37 x 37 grid is kept (resampled per forward): numbers at 224 legitimately differ from
+    # timm's filter. With pos_embed_resample="timm" they must still match timm exactly, kept or resized.
     kw = dict(patch_size=14, embed_dim=64, depth=2, num_heads=4, num_classes=0)
     torch.manual_seed(0)
     ref518 = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, **kw)
@@ -265,16 +268,19 @@ def test_dinov2_518_checkpoint_loaded_at_224_matches_timm_resampling(tmp_path):
     assert official["pos_embed"].shape[1] == 1 + 37 * 37
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(official, path)
-    backbone = load_backbone(path, img_size=224, num_heads=4)
-    assert backbone.vit.pos_embed.shape[1] == 1 + 16 * 16
     ref224 = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, **kw).eval()
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     ref224.load_state_dict(checkpoint_filter_fn(dict(official), ref224))
-    torch.testing.assert_close(backbone.vit.pos_embed, ref224.pos_embed, atol=1e-6, rtol=0)
     x = torch.randn(1, 3, 224, 224)
-    torch.testing.assert_close(_features(backbone, x), ref224.forward_features(x), atol=ATOL, rtol=0)
-    assert backbone.load_report.resampled_pos_embed == (16, 16)
+    resized = load_backbone(path, img_size=224, num_heads=4, pos_embed_resample="timm", resize_pos_embed=True)
+    assert resized.vit.pos_embed.shape[1] == 1 + 16 * 16
+    torch.testing.assert_close(resized.vit.pos_embed, ref224.pos_embed, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_features(resized, x), ref224.forward_features(x), atol=ATOL, rtol=0)
+    assert resized.load_report.resampled_pos_embed == (16, 16)
+    kept = load_backbone(path, img_size=224, num_heads=4, pos_embed_resample="timm")
+    assert kept.vit.pos_embed.shape[1] == 1 + 37 * 37 and kept.load_report.kept_pos_embed_grid == (37, 37)
+    torch.testing.assert_close(_features(kept, x), ref224.forward_features(x), atol=ATOL, rtol=0)
 
 
 # -------------------------------------------------------------------------------------------- refusals

@@ -18,6 +18,7 @@ _EXPORTS = {
     "LoadReport": "meddino.models.checkpoints",
     "export_backbone": "meddino.models.checkpoints",
     "load_backbone": "meddino.models.checkpoints",
+    "resample_pos_embed": "meddino.models.pos_embed",
     "build_backbone": "meddino.models.factory",
     "resolve_backbone": "meddino.models.factory",
 }

@@ -9,6 +9,11 @@ The module is the same in training (drop path active in ``train()``) and inferen
 
 Stochastic depth follows each version's rule (see :mod:`meddino.models.droppath`): DINOv1 linear over blocks
 with a per-sample coin, DINOv2/v3 uniform over blocks with the batch-subset form where the originals use it.
+
+Learned position embeddings (v1/v2) stay at the grid they are stored at; every forward whose patch grid
+differs (local crops, other evaluation sizes) resamples them from that stored grid in the version's official
+mode (``arch["kwargs"]["pos_embed_resample"]``, see :mod:`meddino.models.pos_embed`), through a hook on the
+timm module's ``_pos_embed`` in place of timm's own ``dynamic_img_size`` formula. DINOv3 uses RoPE.
 """
 
 from __future__ import annotations
@@ -48,6 +53,23 @@ class Backbone(nn.Module):
         self.uses_rope: bool = getattr(vit, "rope", None) is not None
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         self.grad_checkpointing = False
+        mode = arch.get("kwargs", {}).get("pos_embed_resample")
+        if mode is not None:
+            from meddino.models.pos_embed import install_pos_embed_hook
+
+            install_pos_embed_hook(vit, mode)
+
+    @property
+    def pos_embed_resample(self) -> str | None:
+        """How position embeddings are resampled to a crop's grid (None: RoPE, nothing to resample)."""
+        return getattr(self.vit, "pos_embed_resample", None)
+
+    @pos_embed_resample.setter
+    def pos_embed_resample(self, mode: str) -> None:
+        from meddino.models.pos_embed import install_pos_embed_hook
+
+        install_pos_embed_hook(self.vit, mode)
+        self.arch.setdefault("kwargs", {})["pos_embed_resample"] = mode
 
     @property
     def blocks(self) -> nn.ModuleList:

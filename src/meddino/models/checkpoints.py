@@ -16,6 +16,12 @@ register models fold the CLS position into ``cls_token``, DINOv3 splits the qkv 
 ``v_bias`` and drops the always-zero key bias), the architecture is read from the tensors when ``arch`` is
 not given, and the weights are loaded strictly: a missing weight, an unexpected one or a shape mismatch
 refuses the load with one line. Pickled files are read with ``weights_only=True`` only.
+
+Position embeddings (v1/v2) keep the grid they were stored at, whatever ``img_size`` asks for: each forward
+resamples from that grid to its own in the backbone's ``pos_embed_resample`` mode (see
+:mod:`meddino.models.pos_embed`), so released 518 px weights trained with 224 and 98 px crops are resampled
+once per crop (518 -> 224, 518 -> 98), never 518 -> 224 -> 98. ``resize_pos_embed=True`` instead resamples
+the stored grid once at load to ``img_size`` (same mode), e.g. for an export at a fixed size.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from torch import nn
 from meddino.errors import CheckpointError, first_line
 from meddino.models.archs import resolve_arch
 from meddino.models.backbone import Backbone, CNNBackbone
+from meddino.models.pos_embed import default_mode
 
 EXPORT_FORMAT = "meddino-backbone"
 WRAPPER_KEYS = ("teacher", "model_ema", "model", "state_dict", "module", "student", "network")
@@ -61,11 +68,17 @@ class LoadReport:
     layout: str
     ignored: list[str] = field(default_factory=list)
     resampled_pos_embed: tuple[int, int] | None = None
+    # img_size asked for another grid, the stored one was kept (each forward resamples from it)
+    kept_pos_embed_grid: tuple[int, int] | None = None
+    pos_embed_resample: str | None = None
 
     def summary(self) -> str:
         parts = [f"loaded {self.path} ({self.layout} layout)"]
         if self.resampled_pos_embed:
-            parts.append(f"position embeddings resampled to grid {self.resampled_pos_embed}")
+            parts.append(f"position embeddings resampled to grid {self.resampled_pos_embed} ({self.pos_embed_resample})")
+        if self.kept_pos_embed_grid:
+            parts.append(f"position embeddings kept at their stored grid {self.kept_pos_embed_grid}, "
+                         f"resampled per forward ({self.pos_embed_resample})")
         if self.ignored:
             parts.append(f"ignored {len(self.ignored)} training-only keys (e.g. {self.ignored[0]})")
         return "; ".join(parts)
@@ -307,23 +320,25 @@ def load_into_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Pa
 
 
 def _resample_pos_embed(state: dict[str, torch.Tensor], backbone: Backbone) -> tuple[int, int] | None:
-    """Resample ``pos_embed`` to the module's grid exactly as timm's own checkpoint filter does."""
-    if "pos_embed" not in state or backbone.vit.pos_embed is None:
-        return None
-    from timm.layers import resample_abs_pos_embed
+    """Resample ``pos_embed`` once to the module's grid in the backbone's mode (CLS position unchanged).
 
-    target = backbone.vit.pos_embed
-    if state["pos_embed"].shape == target.shape:
+    Only for ``resize_pos_embed=True``: by default the module is built at the stored grid. With mode
+    ``timm`` this is exactly timm's own checkpoint filter.
+    """
+    from meddino.models.pos_embed import resample_pos_embed
+
+    vit = getattr(backbone, "vit", None)
+    if "pos_embed" not in state or getattr(vit, "pos_embed", None) is None:
         return None
-    vit = backbone.vit
+    if state["pos_embed"].shape == vit.pos_embed.shape:
+        return None
     prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
-    n_old = state["pos_embed"].shape[1] - prefix
-    side = int(round(math.sqrt(n_old)))
-    state["pos_embed"] = resample_abs_pos_embed(
-        state["pos_embed"], new_size=vit.patch_embed.grid_size, old_size=(side, side),
-        num_prefix_tokens=prefix, interpolation="bicubic", antialias=True, verbose=False,
-    )
-    return tuple(vit.patch_embed.grid_size)
+    old = state["pos_embed"]
+    side = int(round(math.sqrt(old.shape[1] - prefix)))
+    new_hw = tuple(int(s) for s in vit.patch_embed.grid_size)
+    grid = resample_pos_embed(old[:, prefix:], new_hw, backbone.pos_embed_resample, (side, side))
+    state["pos_embed"] = torch.cat([old[:, :prefix], grid], dim=1)
+    return new_hw
 
 
 def load_backbone(
@@ -333,15 +348,20 @@ def load_backbone(
     key: str | None = None,
     drop_path_rate: float = 0.0,
     verbose: bool = False,
+    pos_embed_resample: str | None = None,
+    resize_pos_embed: bool = False,
     **overrides: Any,
 ) -> nn.Module:
     """Load a backbone from any supported checkpoint (see module docstring).
 
     ``arch``: an alias or timm name the checkpoint must match (else the architecture is read from the
-    tensors); ``img_size``: the resolution to store position embeddings at (resampled bicubically as
-    timm does); ``key``: which wrapper entry to take (``teacher`` by default, e.g. ``student``);
-    ``overrides``: timm options the tensors cannot tell (e.g. ``num_heads`` for non-standard widths).
-    A path may end in ``#key`` to pick the wrapper entry from a spec string.
+    tensors); ``img_size``: the working resolution; v1/v2 position embeddings keep their stored grid and
+    every forward resamples from it (for RoPE models it only sets the nominal size);
+    ``resize_pos_embed``: resample the stored grid once to ``img_size`` at load instead;
+    ``pos_embed_resample``: the resampling mode (default: the version's, ``dinov2_reg`` for a released
+    37 x 37 DINOv2 register checkpoint); ``key``: which wrapper entry to take (``teacher`` by default,
+    e.g. ``student``); ``overrides``: timm options the tensors cannot tell (e.g. ``num_heads`` for
+    non-standard widths). A path may end in ``#key`` to pick the wrapper entry from a spec string.
     """
     from meddino.models.factory import build_from_timm
 
@@ -354,7 +374,7 @@ def load_backbone(
 
     sidecar = _export_sidecar(path)
     if sidecar is not None:
-        return _load_export(path, sidecar, img_size, drop_path_rate, verbose)
+        return _load_export(path, sidecar, img_size, drop_path_rate, verbose, pos_embed_resample, resize_pos_embed)
     if path.is_dir():
         from meddino.models.hf import load_hf_folder
 
@@ -381,17 +401,28 @@ def load_backbone(
         kwargs.update(_check_against_arch(arch, kwargs, version, path))
         timm_name = resolve_arch(arch).timm_name
     kwargs.update(overrides)
-    stored_size = kwargs.get("img_size")
-    if img_size is not None:
-        kwargs["img_size"] = int(img_size)
+    stored_size = kwargs.get("img_size")  # None: no learned position embeddings (RoPE)
+    kept = None
+    if img_size is not None and int(img_size) != stored_size:
+        if stored_size is None or resize_pos_embed:
+            kwargs["img_size"] = int(img_size)
+        else:  # keep the stored grid: each forward resamples from it
+            kept = (stored_size // kwargs["patch_size"],) * 2
     kwargs.setdefault("img_size", 224)
+    if family == "vit":
+        grid = (stored_size // kwargs["patch_size"],) * 2 if stored_size else None
+        regs = int(kwargs.get("reg_tokens", 0))
+        kwargs["pos_embed_resample"] = pos_embed_resample or default_mode(version, regs, grid, released=True)
+    elif pos_embed_resample is not None:
+        kwargs["pos_embed_resample"] = pos_embed_resample  # refused by build_from_timm: RoPE
     backbone = build_from_timm(timm_name, version, kwargs, drop_path_rate)
     mask_token = state.pop("mask_token", None)
     resampled = _resample_pos_embed(state, backbone) if stored_size != kwargs["img_size"] else None
     load_into_strict(backbone.vit, state, path)
     if mask_token is not None:
         _set_mask_token(backbone, mask_token, path)
-    backbone.load_report = LoadReport(str(path), hints.get("layout", layout), ignored, resampled)
+    backbone.load_report = LoadReport(str(path), hints.get("layout", layout), ignored, resampled, kept,
+                                      backbone.pos_embed_resample)
     if verbose:
         print(backbone.load_report.summary(), file=sys.stderr)
     return backbone
@@ -423,7 +454,13 @@ def _export_sidecar(path: Path) -> dict[str, Any] | None:
 
 
 def _load_export(
-    path: Path, meta: dict[str, Any], img_size: int | None, drop_path_rate: float, verbose: bool = False
+    path: Path,
+    meta: dict[str, Any],
+    img_size: int | None,
+    drop_path_rate: float,
+    verbose: bool = False,
+    pos_embed_resample: str | None = None,
+    resize_pos_embed: bool = False,
 ) -> nn.Module:
     from meddino.models.factory import build_from_timm, build_timm_backbone
 
@@ -436,15 +473,24 @@ def _load_export(
     kwargs = dict(meta.get("timm_kwargs", {}))
     if meta.get("norm_eps") is not None:
         kwargs["norm_eps"] = float(meta["norm_eps"])
+    mode = pos_embed_resample or meta.get("pos_embed_resample")  # exports before it was recorded: the default
+    if mode is not None:
+        kwargs["pos_embed_resample"] = mode
     stored = kwargs.get("img_size")
-    if img_size is not None:
-        kwargs["img_size"] = int(img_size)
+    has_pos = "pos_embed" in state
+    kept = None
+    if img_size is not None and int(img_size) != stored:
+        if not has_pos or resize_pos_embed or stored is None:
+            kwargs["img_size"] = int(img_size)
+        else:  # keep the stored grid: each forward resamples from it
+            patch = int(meta.get("patch_size") or kwargs.get("patch_size"))
+            kept = (int(stored) // patch,) * 2
     backbone = build_from_timm(meta["timm_name"], meta["version"], kwargs, drop_path_rate)
     resampled = _resample_pos_embed(state, backbone) if stored != kwargs.get("img_size") else None
     load_into_strict(backbone.vit, state, weights)
     if meta.get("mask_token") is not None:
         _set_mask_token(backbone, torch.tensor(meta["mask_token"], dtype=torch.float32), weights)
-    backbone.load_report = LoadReport(str(weights), "meddino export", [], resampled)
+    backbone.load_report = LoadReport(str(weights), "meddino export", [], resampled, kept, backbone.pos_embed_resample)
     if verbose:
         print(backbone.load_report.summary(), file=sys.stderr)
     return backbone
@@ -455,7 +501,10 @@ def export_backbone(module: nn.Module, path: str | Path) -> Path:
 
     Plain timm reads it: ``m = timm.create_model(j["timm_name"], num_classes=0, **j["timm_kwargs"]);
     m.load_state_dict(safetensors.torch.load_file(path))`` (and, when ``j["norm_eps"]`` is set, that eps on
-    every LayerNorm, as for Hugging Face DINOv1 ports). Both files are written atomically.
+    every LayerNorm, as for Hugging Face DINOv1 ports). Both files are written atomically. The JSON also
+    records ``pos_embed_resample``, the mode meddino resamples position embeddings in when an input's grid
+    differs from the stored one; plain timm resamples in its own (``timm``) mode, so it reproduces meddino's
+    features exactly at the stored size, or everywhere when the mode is ``timm``.
     """
     from safetensors.torch import save_file
 
@@ -474,6 +523,7 @@ def export_backbone(module: nn.Module, path: str | Path) -> Path:
     arch = module.arch
     timm_kwargs = dict(arch.get("kwargs", {}))
     norm_eps = timm_kwargs.pop("norm_eps", None)  # not a timm option: applied to every LayerNorm on load
+    pos_embed_resample = timm_kwargs.pop("pos_embed_resample", None)  # meddino's, not timm's
     meta = {
         "format": EXPORT_FORMAT,
         "format_version": 1,
@@ -481,6 +531,7 @@ def export_backbone(module: nn.Module, path: str | Path) -> Path:
         "version": arch["version"],
         "timm_kwargs": {**timm_kwargs, **_timm_defaults_note()},
         "norm_eps": norm_eps,
+        "pos_embed_resample": pos_embed_resample,
         "embed_dim": module.embed_dim,
         "patch_size": module.patch_size,
         "weights": path.name,

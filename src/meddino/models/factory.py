@@ -6,6 +6,11 @@ A backbone spec is one string, accepted by every command that takes a backbone:
 - ``random:<arch>``: random initialisation (the seeds' "no pretraining" baseline);
 - ``timm:<name>`` or ``timm:<name>@<weights file>``: any timm model, CNNs included, randomly initialised
   or with weights from a local file (nothing is downloaded).
+
+``pos_embed_resample`` (where backbones are built: :func:`build_backbone`, :func:`resolve_backbone`,
+``load_backbone``) picks how v1/v2 position embeddings are resampled to a crop's grid: ``dinov1``,
+``dinov2``, ``dinov2_reg`` or ``timm`` (see :mod:`meddino.models.pos_embed`); None takes the version's
+official mode. It is recorded in the backbone's arch dict and export JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 from meddino.errors import CheckpointError, ConfigError
 from meddino.models.archs import resolve_arch, version_of_timm_name
@@ -24,11 +30,18 @@ from meddino.models.droppath import apply_dino_drop_path
 _VIT_DEFAULTS = dict(num_classes=0, global_pool="token", dynamic_img_size=True)
 
 
-def build_backbone(arch: str, img_size: int | None = None, drop_path_rate: float = 0.0, **overrides: Any) -> Backbone:
+def build_backbone(
+    arch: str,
+    img_size: int | None = None,
+    drop_path_rate: float = 0.0,
+    pos_embed_resample: str | None = None,
+    **overrides: Any,
+) -> Backbone:
     """Build a randomly initialised DINO backbone from an alias or timm ViT name.
 
     ``overrides`` go to ``timm.create_model`` (e.g. ``embed_dim=64, depth=2``); ``img_size`` sets the
-    grid the position embeddings are stored at (inputs of other sizes are resampled on the fly).
+    grid the position embeddings are stored at (inputs of other sizes are resampled on the fly from it, in
+    ``pos_embed_resample`` mode, default the version's official one: v1 ``dinov1``, v2 ``dinov2``).
     """
     spec = resolve_arch(arch)
     kwargs = dict(spec.kwargs)
@@ -36,13 +49,25 @@ def build_backbone(arch: str, img_size: int | None = None, drop_path_rate: float
     if img_size is not None:
         kwargs["img_size"] = int(img_size)
     kwargs.setdefault("img_size", 224)
+    if pos_embed_resample is not None:
+        kwargs["pos_embed_resample"] = pos_embed_resample
     return build_from_timm(spec.timm_name, spec.version, kwargs, drop_path_rate)
 
 
+# options recorded in the arch kwargs that are meddino's, not timm's
+_NOT_TIMM = ("norm_eps", "pos_embed_resample")
+
+
 def build_from_timm(timm_name: str, version: str, kwargs: dict[str, Any], drop_path_rate: float = 0.0) -> Backbone:
-    """``timm.create_model`` with meddino's defaults, wrapped in :class:`Backbone`."""
+    """``timm.create_model`` with meddino's defaults, wrapped in :class:`Backbone`.
+
+    ``kwargs["pos_embed_resample"]`` (None or absent: the version's official mode) is resolved here and
+    recorded in the arch kwargs; giving one for a RoPE model (DINOv3) is refused.
+    """
+    from meddino.models.pos_embed import check_mode, default_mode
+
     kwargs = {k: v for k, v in kwargs.items() if k not in _VIT_DEFAULTS}
-    timm_kwargs = {k: v for k, v in kwargs.items() if k != "norm_eps"}
+    timm_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_TIMM}
     try:
         vit = timm.create_model(
             timm_name, pretrained=False, drop_path_rate=drop_path_rate, **_VIT_DEFAULTS, **timm_kwargs
@@ -54,6 +79,11 @@ def build_from_timm(timm_name: str, version: str, kwargs: dict[str, Any], drop_p
             if isinstance(module, torch.nn.LayerNorm):
                 module.eps = float(kwargs["norm_eps"])
     apply_dino_drop_path(vit, version, drop_path_rate)
+    mode = kwargs.pop("pos_embed_resample", None)
+    if isinstance(vit, VisionTransformer) and vit.pos_embed is not None:
+        kwargs["pos_embed_resample"] = check_mode(mode) if mode is not None else default_mode(version) or "timm"
+    elif mode is not None:
+        raise ConfigError(f"pos_embed_resample={mode}: {timm_name} has no learned position embeddings (RoPE)")
     arch = {"timm_name": timm_name, "version": version, "kwargs": _jsonable(kwargs)}
     return Backbone(vit, version, arch)
 
@@ -70,8 +100,14 @@ def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_timm_backbone(name: str, weights: str | None = None, img_size: int | None = None) -> torch.nn.Module:
-    """``timm:<name>``: any timm model as a backbone; ViTs get the full :class:`Backbone` interface."""
+def build_timm_backbone(
+    name: str, weights: str | None = None, img_size: int | None = None, pos_embed_resample: str | None = None
+) -> torch.nn.Module:
+    """``timm:<name>``: any timm model as a backbone; ViTs get the full :class:`Backbone` interface.
+
+    The weights file is loaded at the model's own grid (``img_size``, timm's default when None); a ViT
+    resamples its position embeddings per forward in ``pos_embed_resample`` mode (the version's default).
+    """
     base = name.split(".")[0]
     if base not in timm.list_models():
         raise ConfigError(f"unknown timm model '{name}'")
@@ -80,8 +116,15 @@ def build_timm_backbone(name: str, weights: str | None = None, img_size: int | N
         kwargs: dict[str, Any] = {}
         if img_size:
             kwargs["img_size"] = int(img_size)
+        if pos_embed_resample is not None:
+            kwargs["pos_embed_resample"] = pos_embed_resample
         model: torch.nn.Module = build_from_timm(base, version, kwargs)
         target = model.vit
+        if weights and pos_embed_resample is None and model.pos_embed_resample is not None:
+            from meddino.models.pos_embed import default_mode
+
+            grid = tuple(target.patch_embed.grid_size)  # released weights: a hub *_reg model keeps its mode
+            model.pos_embed_resample = default_mode(version, model.num_registers, grid, released=True)
     else:
         target = timm.create_model(base, pretrained=False, num_classes=0)
         model = CNNBackbone(target, {"timm_name": base, "version": "cnn", "kwargs": {}})
@@ -94,18 +137,31 @@ def build_timm_backbone(name: str, weights: str | None = None, img_size: int | N
     return model
 
 
-def resolve_backbone(spec: str, img_size: int | None = None, drop_path_rate: float = 0.0) -> torch.nn.Module:
-    """A backbone spec string (see module docstring) -> module."""
+def resolve_backbone(
+    spec: str,
+    img_size: int | None = None,
+    drop_path_rate: float = 0.0,
+    pos_embed_resample: str | None = None,
+    resize_pos_embed: bool = False,
+) -> torch.nn.Module:
+    """A backbone spec string (see module docstring) -> module.
+
+    ``img_size`` is the stored grid of a fresh backbone; a checkpoint keeps its stored grid and resamples
+    from it on every forward (resample once; ``resize_pos_embed=True`` resamples it to ``img_size`` at load
+    instead, see ``load_backbone``). ``pos_embed_resample`` overrides the version's mode.
+    """
     if not isinstance(spec, str) or not spec:
         raise ConfigError("backbone: give a checkpoint path, random:<arch> or timm:<name>")
     if spec.startswith("random:"):
-        return build_backbone(spec.removeprefix("random:"), img_size=img_size, drop_path_rate=drop_path_rate)
+        return build_backbone(spec.removeprefix("random:"), img_size=img_size, drop_path_rate=drop_path_rate,
+                              pos_embed_resample=pos_embed_resample)
     if spec.startswith("timm:"):
         name, _, weights = spec.removeprefix("timm:").partition("@")
-        return build_timm_backbone(name, weights or None, img_size)
+        return build_timm_backbone(name, weights or None, img_size, pos_embed_resample)
     from meddino.models.checkpoints import load_backbone
 
     path = Path(spec).expanduser()
     if not path.exists():
         raise CheckpointError(f"backbone checkpoint not found: {path} (or use random:<arch> / timm:<name>)")
-    return load_backbone(path, img_size=img_size, drop_path_rate=drop_path_rate, verbose=True)
+    return load_backbone(path, img_size=img_size, drop_path_rate=drop_path_rate, verbose=True,
+                         pos_embed_resample=pos_embed_resample, resize_pos_embed=resize_pos_embed)
