@@ -50,7 +50,8 @@ def _state_equal(a: dict, b: dict) -> bool:
     "recipe, extra",
     [
         ("dinov1_tiny", []),
-        ("dinov3_tiny", ["method.gram.enabled=true", "method.gram.refresh_every=10"]),
+        # no init= here: Gram anchoring to the random start must now be asked for explicitly (teacher=random)
+        ("dinov3_tiny", ["method.gram.enabled=true", "method.gram.refresh_every=10", "method.gram.teacher=random"]),
     ],
 )
 def test_method_runs(recipe, extra, images, tmp_path):

@@ -60,15 +60,18 @@ def test_v2_generator_never_exceeds_target_and_rarely_falls_short():
     assert np.mean(np.array(shortfall) <= 3) > 0.9
 
 
-def test_blocks_have_at_least_four_patches():
-    # every masked cell belongs to a fully masked rectangle of >= 4 patches, so every 4-connected
-    # component of a v2 mask (blocks only, no top-up) has >= 4 patches
+def test_blocks_smaller_than_four_patches_are_kept_as_officially():
+    # This test used to assert that every 4-connected component has >= 4 patches (meddino rejected blocks
+    # under 4 patches). The official MaskingGenerator only draws the target AREA from [4, max] and keeps a
+    # placed block whatever its rounded size (and draws from [budget, 4] when < 4 patches of budget are
+    # left), so small components do occur; rejecting them left ~50% of masks short (officially ~6%).
+    sizes = []
     for seed in range(30):
         m = block_masks(8, GRID, "v2", generator=torch.Generator().manual_seed(seed)).numpy()
         for img in m:
             labels, n = ndimage.label(img.reshape(GRID))
-            for k in range(1, n + 1):
-                assert (labels == k).sum() >= 4
+            sizes += [int((labels == k).sum()) for k in range(1, n + 1)]
+    assert min(sizes) >= 1 and any(s < 4 for s in sizes)
 
 
 def test_single_block_is_a_rectangle_within_size_and_aspect_limits():
@@ -83,7 +86,7 @@ def test_single_block_is_a_rectangle_within_size_and_aspect_limits():
         rows, cols = np.nonzero(mask)
         h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
         assert mask.sum() == h * w == added  # one filled rectangle
-        assert 4 <= added <= 0.5 * n
+        assert 1 <= added <= 0.5 * n  # the area is drawn >= 4 but the rounded block may be smaller (official)
         assert h < 14 and w < 14
         # aspect drawn log-uniformly in [0.3, 1/0.3]; rounding h and w to integers can stretch it a bit
         assert 0.3 / 2.5 <= h / w <= 2.5 / 0.3

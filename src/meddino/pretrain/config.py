@@ -8,6 +8,7 @@ Impossible combinations fail with one line naming the key; questionable ones (Si
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from typing import Any, Literal
@@ -23,6 +24,7 @@ _VERSION_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "v1": {
         "method": {"centering": "ema", "koleo_weight": 0.0},
         "method.ibot": {"enabled": False},
+        "model.head": {"norm_last_layer": True},  # DINOv1 freezes the weight-norm g at 1
         "crops": {"blur_quirk": False, "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4]},
         "optim": {"lr_scaling": "linear256", "clip_per_param": True, "teacher_temp_per_epoch": True,
                   "layer_decay": 1.0, "patch_embed_lr_mult": 1.0},
@@ -30,6 +32,7 @@ _VERSION_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "v2": {
         "method": {"centering": "ema", "koleo_weight": 0.1},
         "method.ibot": {"enabled": True},
+        "model.head": {"norm_last_layer": False},  # DINOv2 trains g (init 1, with weight decay)
         "crops": {"blur_quirk": True, "global_scale": [0.32, 1.0], "local_scale": [0.05, 0.32]},
         "optim": {"lr_scaling": "sqrt1024", "clip_per_param": False, "teacher_temp_per_epoch": False,
                   "layer_decay": 0.9, "patch_embed_lr_mult": 0.2},
@@ -37,6 +40,7 @@ _VERSION_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "v3": {
         "method": {"centering": "sinkhorn", "koleo_weight": 0.1},
         "method.ibot": {"enabled": True},
+        "model.head": {"norm_last_layer": False},  # no effect: plain-Linear last layer (head_norm_last_layer: false)
         "crops": {"blur_quirk": True, "global_scale": [0.32, 1.0], "local_scale": [0.05, 0.32]},
         "optim": {"lr_scaling": "sqrt1024", "clip_per_param": False, "teacher_temp_per_epoch": False,
                   "layer_decay": 0.9, "patch_embed_lr_mult": 0.2},
@@ -54,15 +58,68 @@ class IbotConfig(Schema):
     mask_probability: float = Field(0.5, ge=0, le=1)
 
 
+class GramWeightSchedule(Schema):
+    """The Gram loss weight per iteration, the official ``gram.loss_weight_schedule``
+    (``linear_warmup_cosine_decay``): linear ``start -> peak`` over ``warmup_iters`` (end point excluded),
+    then a half cosine ``peak -> end`` over ``cosine_iters`` (None = the rest of the run; both ends
+    included), then constant ``end``. ``end`` defaults to ``peak`` (warm-up, then constant). The official
+    counts warm-up/cosine in epochs of ``OFFICIAL_EPOCH_LENGTH`` iterations: multiply them by it."""
+
+    start: float = Field(0.0, ge=0)
+    peak: float = Field(1.0, ge=0)
+    end: float | None = Field(None, ge=0)
+    warmup_iters: int = Field(0, ge=0)
+    cosine_iters: int | None = Field(None, ge=0)
+
+
 class GramConfig(Schema):
-    """DINOv3 Gram anchoring against a frozen Gram teacher (the starting backbone by default)."""
+    """DINOv3 Gram anchoring against a frozen Gram teacher (the starting backbone by default).
+
+    Official names (``ssl_default_config.yaml`` ``gram:``): ``weight`` = ``loss_weight``, ``weight_schedule``
+    = ``loss_weight_schedule`` (replaces ``weight`` when given), ``refresh_every`` = ``update_frequency``
+    (set = ``rep_update: true``), ``max_refreshes`` = ``max_updates``, ``it_first_update`` the same: the Gram
+    teacher is refreshed from the EMA teacher after iteration ``it`` when ``it + 1 >= it_first_update`` and
+    ``(it + 1) % refresh_every == 0``. ``teacher: init`` = ``ckpt`` pointing at the starting checkpoint
+    (``init=``); ``teacher: random`` anchors to the (random) starting network, which the original refuses.
+    ``normalized``, ``img_level``, ``remove_neg``, ``remove_only_teacher_neg``, ``tokens_used`` as officially.
+    """
 
     enabled: bool = False
+    teacher: Literal["init", "random"] = "init"
     weight: float = Field(1.0, ge=0)
+    weight_schedule: GramWeightSchedule | None = None
     img_level: bool = False
+    normalized: bool = True
     remove_neg: bool = False
+    remove_only_teacher_neg: bool = False
+    tokens_used: Literal["all", "masked", "unmasked"] = "all"
     refresh_every: int | None = Field(None, ge=1)  # copy the EMA teacher into the Gram teacher every N its
     max_refreshes: int | None = Field(None, ge=0)
+    it_first_update: int = Field(0, ge=0)  # no refresh before this iteration (official gram.it_first_update)
+
+    def weight_at(self, it: int, total_iters: int) -> float:
+        """The loss weight at iteration ``it`` of a ``total_iters`` run (``weight`` without a schedule)."""
+        s = self.weight_schedule
+        if s is None:
+            return float(self.weight)
+        end = s.peak if s.end is None else s.end
+        w = s.warmup_iters
+        if it < w:
+            return float(s.start + (s.peak - s.start) * it / w)
+        c = max(int(total_iters) - w, 0) if s.cosine_iters is None else s.cosine_iters
+        j = it - w
+        if j < c:
+            cos = 1.0 if c == 1 else (math.cos(math.pi * j / (c - 1)) + 1.0) / 2.0
+            return float((s.peak - end) * cos + end)
+        return float(end)
+
+    def refresh_due(self, it: int, refreshes_done: int) -> bool:
+        """Whether the Gram teacher is refreshed after iteration ``it`` (the official rule, see above)."""
+        return bool(
+            self.enabled and self.refresh_every and it + 1 >= self.it_first_update
+            and (it + 1) % self.refresh_every == 0
+            and (self.max_refreshes is None or refreshes_done < self.max_refreshes)
+        )
 
 
 class MethodConfig(Schema):
@@ -82,8 +139,11 @@ class HeadConfig(Schema):
     hidden_dim: int = Field(2048, ge=1)
     bottleneck_dim: int = Field(256, ge=1)
     nlayers: int = Field(3, ge=1)
-    norm_last_layer: bool = True
+    # freeze the weight-norm g of the last layer at 1; None = the version's default (v1 true, v2 false:
+    # DINOv2 trains g with weight decay; v3 has a plain-Linear last layer, so it has no effect there)
+    norm_last_layer: bool | None = None
     ibot_out_dim: int | None = None  # separate iBOT head sizes (default: the DINO head's)
+    ibot_bottleneck_dim: int | None = Field(None, ge=1)  # e.g. 256 in DINOv2 vitl14 (DINO head: 384)
 
 
 class ModelConfig(Schema):
@@ -148,6 +208,8 @@ class TrainConfig(Schema):
     compile: bool = False
     grad_checkpointing: bool = False
     fsdp: bool = False
+    # stop with exit code 2 (keeping the last good checkpoint) when the collapse detector fires
+    stop_on_collapse: bool = False
 
 
 class HeadWarmupConfig(Schema):
@@ -156,6 +218,19 @@ class HeadWarmupConfig(Schema):
     frozen_iters: int = Field(0, ge=0)
     ramp_iters: int = Field(0, ge=0)
     backbone_lr: float | None = Field(None, ge=0)  # constant backbone lr after the ramp (None = schedule)
+
+
+class HealthConfig(Schema):
+    """Training-health diagnostics (entropies, KL, prototype usage, effective rank) at every log step and
+    the collapse detector (:mod:`meddino.pretrain.health`)."""
+
+    enabled: bool = True
+    # the detector's uniform-collapse condition: teacher entropy >= (1 - tolerance) * ln K
+    entropy_tolerance: float = Field(0.02, ge=0, lt=1)
+    # dimensional collapse: RankMe of the teacher CLS features below this (1 = every image on one direction;
+    # the rank is bounded by min(2 * batch, embed_dim), so 1.5 stays meaningful down to batch 1; 0 disables)
+    min_effective_rank: float = Field(1.5, ge=0)
+    patience: int = Field(5, ge=1)  # consecutive log steps a condition must hold before the warning
 
 
 class MonitorConfig(Schema):
@@ -176,6 +251,7 @@ class PretrainConfig(Schema):
     train: TrainConfig = TrainConfig()
     head_warmup: HeadWarmupConfig = HeadWarmupConfig()
     monitor: MonitorConfig = MonitorConfig()
+    health: HealthConfig = HealthConfig()
     init: str | None = None
     out: str = "runs/pretrain"
     resume: str | None = None  # null | auto | checkpoint path
@@ -225,6 +301,19 @@ class PretrainConfig(Schema):
         m, v = self.method, self.method.version
         if m.gram.enabled and v != "v3":
             raise ValueError(f"method.gram.enabled: Gram anchoring is a DINOv3 objective, not {v}")
+        gram = m.gram
+        if gram.enabled and gram.teacher == "init" and not self.init:
+            raise ValueError("method.gram.teacher=init: Gram anchoring needs a starting checkpoint (init=CKPT); "
+                             "without one the Gram teacher is a random network (set method.gram.teacher=random "
+                             "to anchor to it anyway)")
+        if gram.remove_neg and gram.remove_only_teacher_neg:
+            raise ValueError("method.gram.remove_only_teacher_neg: mutually exclusive with method.gram.remove_neg")
+        if gram.enabled and gram.tokens_used != "all":
+            if gram.img_level:
+                raise ValueError(f"method.gram.tokens_used={gram.tokens_used} needs method.gram.img_level=false")
+            if not m.ibot.enabled:
+                raise ValueError(f"method.gram.tokens_used={gram.tokens_used} needs the iBOT masks "
+                                 "(method.ibot.enabled=true)")
         if m.ibot.enabled and v == "v1":
             raise ValueError("method.ibot.enabled: DINOv1 has no iBOT objective (use v2 or v3)")
         if v == "v3" and m.ibot.separate_head is False:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from meddino import ssl
-from meddino.errors import CheckpointError, ConfigError, DataError
+from meddino.errors import CheckpointError, ConfigError, DataError, UserError
 from meddino.pretrain import checkpoint as ckpt
 from meddino.pretrain.config import PretrainConfig, arch_patch_size
 from meddino.pretrain.data import (
@@ -57,7 +57,13 @@ from meddino.pretrain.distributed import (
     mean_over_ranks,
     wrap_student,
 )
+from meddino.pretrain.health import CollapseDetector, HealthWindow
 from meddino.pretrain.method import SSLObjective, Student, build_student, iteration_masks
+
+
+class TrainingCollapsed(UserError):
+    """The collapse detector fired with ``train.stop_on_collapse=true``: one line, exit code 2, no checkpoint
+    of the collapsed state (the last good one is named in the message)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -253,6 +259,14 @@ class Trainer:
         if resume_path is not None and self._resume_rng is not None:
             ckpt.set_rng_state(self._resume_rng)
 
+        self.health_window: HealthWindow | None = None
+        self.collapse_detector: CollapseDetector | None = None
+        if cfg.health.enabled:
+            h = cfg.health
+            self.health_window = HealthWindow(cfg.method.student_temp)
+            self.collapse_detector = CollapseDetector(math.log(cfg.model.head.out_dim), h.entropy_tolerance,
+                                                      h.min_effective_rank or None, h.patience)
+
         self.monitor = None
         if cfg.monitor.every and cfg.monitor.manifest and env.is_main:
             from meddino.pretrain.monitor import KNNMonitor
@@ -348,6 +362,8 @@ class Trainer:
             print(f"resuming from {path} at iteration {self.start_iter}", file=sys.stderr)
 
     _resume_rng: dict[str, Any] | None = None
+    health_window: HealthWindow | None = None
+    collapse_detector: CollapseDetector | None = None
 
     def save(self, iteration: int) -> None:
         self._merge_skipped()
@@ -393,7 +409,12 @@ class Trainer:
         with ac:
             targets = self.objective.teacher_targets(g, masks, values["teacher_temp"])
             out = self.model(g, loc, masks)
-            terms = self.objective.losses(out, targets, masks, g, b)
+            terms = self.objective.losses(out, targets, masks, g, b, iteration=it)
+        if self.health_window is not None:  # argmaxes every step; the tensors (detached) on log steps only
+            t = cfg.train
+            log_now = (it + 1) % t.log_every == 0 or it + 1 == min(t.iterations, t.stop_at or t.iterations)
+            self.health_window.update(targets["cls_probs"], out["cls_logits"], targets.get("cls_features"),
+                                      targets.get("patch_probs"), out.get("patch_logits"), keep=log_now)
         loss = terms["loss"]
         avg = mean_over_ranks(loss.detach().float().reshape(1))
         if not torch.isfinite(avg).all():
@@ -407,10 +428,7 @@ class Trainer:
         self.optimizer.step()
         ssl.ema_update_(self.objective.teacher, self.student, values["momentum"])
         self.objective.update_centers(targets)
-        gram = cfg.method.gram
-        if (gram.enabled and gram.refresh_every and (it + 1) % gram.refresh_every == 0
-                and (gram.max_refreshes is None or self.objective.gram_refreshes < gram.max_refreshes)):
-            self.objective.refresh_gram_teacher()
+        self.objective.maybe_refresh_gram_teacher(it)  # refresh_every / it_first_update / max_refreshes
         terms = {k: v.detach() for k, v in terms.items()}
         terms["loss"] = avg[0]
         return {**terms, **{k: torch.tensor(v) for k, v in values.items()}}
@@ -456,6 +474,7 @@ class Trainer:
         self.objective.train()
         imgs_per_it = self.global_batch
         t_log, n_log = time.perf_counter(), 0
+        health_bar: dict[str, float] = {}  # H/lnK in the progress line, updated at each log step
         with Progress((end - self.start_iter) * imgs_per_it, "pretrain", unit="img") as bar:
             it = self.start_iter
             for batch in loader:
@@ -474,14 +493,17 @@ class Trainer:
                     row["epoch"] = it / self.sched.epoch_length
                     row["skipped_files"] = len(self.skipped)
                     row["gram_refreshes"] = self.objective.gram_refreshes
+                    collapse = self._health_row(done, row, health_bar)
                     run.log(done, **row)
                     t_log, n_log = now, 0
+                    if collapse is not None:
+                        self._on_collapse(collapse)
                 if cfg.monitor.every and cfg.monitor.manifest and done % cfg.monitor.every == 0:
                     teacher_bb = self.teacher_backbone()  # collective under FSDP
                     if self.monitor is not None:
                         dev = self.device if not self.sharded else torch.device("cpu")
                         run.log(done, **self.monitor.evaluate(teacher_bb, dev, self.autocast and not self.sharded))
-                bar.advance(imgs_per_it, it=done, loss=float(terms["loss"]), lr=float(terms["lr"]))
+                bar.advance(imgs_per_it, it=done, loss=float(terms["loss"]), lr=float(terms["lr"]), **health_bar)
                 if done % cfg.train.checkpoint_every == 0 or done == end:
                     self.save(done)
                 it = done
@@ -492,6 +514,53 @@ class Trainer:
                       file=sys.stderr)
             return
         self._final_export()
+
+    # ------------------------------------------------------------------------------------------ health
+    _HEALTH_KEYS = ("teacher_entropy", "student_entropy", "ln_k", "kl_teacher_student", "prototype_usage",
+                    "effective_rank", "ibot_teacher_entropy", "ibot_student_entropy", "ibot_kl_teacher_student",
+                    "ibot_prototype_usage")
+
+    def _health_diagnostics(self) -> dict[str, float]:
+        """The window's diagnostics, each computed on this rank's local data, then averaged over the ranks
+        that measured it (one small all-reduce, a collective every rank calls at the log step), so every
+        rank feeds the detector the same values and takes the same stop decision."""
+        assert self.health_window is not None
+        local = self.health_window.compute()
+        vals = [float(local.get(k, float("nan"))) for k in self._HEALTH_KEYS]
+        present = [1.0 if math.isfinite(v) else 0.0 for v in vals]
+        vec = torch.tensor([v if p else 0.0 for v, p in zip(vals, present)] + present, dtype=torch.float64)
+        if self.env.distributed:
+            vec = mean_over_ranks(vec.to(self.device)).cpu()
+        n = len(self._HEALTH_KEYS)
+        return {k: float(vec[i] / vec[n + i]) for i, k in enumerate(self._HEALTH_KEYS) if vec[n + i] > 0}
+
+    def _health_row(self, step: int, row: dict[str, Any], bar_fields: dict[str, float]) -> str | None:
+        """Add the diagnostics (and ``collapse_warning`` when the detector fires) to the log ``row``, and
+        H/lnK to the progress fields; returns the warning text or None."""
+        if self.health_window is None:
+            return None
+        diag = self._health_diagnostics()
+        row.update(diag)
+        if "teacher_entropy" in diag and diag.get("ln_k"):
+            bar_fields["H/lnK"] = diag["teacher_entropy"] / diag["ln_k"]
+        warning = None
+        if self.collapse_detector is not None:
+            warning = self.collapse_detector.update(step, diag.get("teacher_entropy"), diag.get("effective_rank"))
+        if warning is not None:
+            row["collapse_warning"] = warning
+        return warning
+
+    def _on_collapse(self, warning: str) -> None:
+        """One warning line on rank 0, or (``train.stop_on_collapse``) stop on every rank before any
+        checkpoint of the collapsed state is written."""
+        if self.cfg.train.stop_on_collapse:
+            last = ckpt.latest_checkpoint(self.ckpt_dir)
+            raise TrainingCollapsed(
+                f"training collapsed: {warning}; stopped (train.stop_on_collapse=true); "
+                f"last good checkpoint: {last if last else 'none written yet'}"
+            )
+        if self.env.is_main:
+            print(f"meddino: warning: {warning}", file=sys.stderr, flush=True)
 
     def _count_skipped(self, batch: dict[str, Any]) -> None:
         """Distinct unreadable samples (a file that fails in every epoch counts once)."""

@@ -92,6 +92,7 @@ def build_student(cfg: PretrainConfig, backbone: nn.Module) -> Student:
         norm_last_layer=h.norm_last_layer,
         ibot_separate=separate,
         ibot_out_dim=h.ibot_out_dim if separate else None,
+        ibot_bottleneck_dim=h.ibot_bottleneck_dim if separate else None,
     )
     if not ibot.enabled:
         ibot_head = None
@@ -140,7 +141,8 @@ class SSLObjective(nn.Module):
     def teacher_targets(
         self, global_crops: torch.Tensor, masks: torch.Tensor | None, teacher_temp: float
     ) -> dict[str, Any]:
-        """Teacher probabilities for the global crops [2, B, K] and the masked patches [M, K]."""
+        """Teacher probabilities for the global crops [2, B, K] and the masked patches [M, K] (plus the raw
+        logits for the centre update and the teacher's CLS features ``cls_features`` [2B, D])."""
         t = self.teacher
         feats = t.backbone.forward_features(global_crops)
         cls = feats["cls"]
@@ -167,6 +169,7 @@ class SSLObjective(nn.Module):
             "patch_probs": patch_probs,
             "cls_logits": cls_logits,
             "patch_logits": patch_logits,
+            "cls_features": cls.detach(),  # teacher CLS [2B, D] for the health diagnostics (effective rank)
         }
 
     @torch.no_grad()
@@ -178,6 +181,14 @@ class SSLObjective(nn.Module):
         self.center.copy_(ssl.update_center(self.center, targets["cls_logits"], mom))
         if targets["patch_logits"] is not None:
             self.ibot_center.copy_(ssl.update_center(self.ibot_center, targets["patch_logits"], mom))
+
+    def maybe_refresh_gram_teacher(self, iteration: int) -> bool:
+        """Refresh the Gram teacher after ``iteration`` when ``method.gram`` says so (``refresh_due``:
+        every ``refresh_every`` iterations from ``it_first_update`` on, at most ``max_refreshes`` times)."""
+        if self.gram_teacher is None or not self.cfg.method.gram.refresh_due(iteration, self.gram_refreshes):
+            return False
+        self.refresh_gram_teacher()
+        return True
 
     @torch.no_grad()
     def refresh_gram_teacher(self) -> None:
@@ -197,8 +208,10 @@ class SSLObjective(nn.Module):
         masks: torch.Tensor | None,
         global_crops: torch.Tensor,
         batch: int,
+        iteration: int | None = None,
     ) -> dict[str, torch.Tensor]:
-        """All loss terms (weighted total in ``loss``)."""
+        """All loss terms (weighted total in ``loss``). ``iteration`` (0-based) sets the Gram weight when
+        ``method.gram.weight_schedule`` is given (``gram_weight`` is then logged as a term)."""
         m = self.cfg.method
         k = student_out["cls_logits"].shape[-1]
         s_logits = student_out["cls_logits"].float().view(-1, batch, k)  # [2 + n, B, K]
@@ -216,13 +229,21 @@ class SSLObjective(nn.Module):
             cls = student_out["global_cls"].float().view(2, batch, -1)
             terms["koleo"] = ssl.koleo_loss(cls[0]) + ssl.koleo_loss(cls[1])
             total = total + m.koleo_weight * terms["koleo"]
-        if self.gram_teacher is not None and m.gram.weight > 0:
+        gc = m.gram
+        if self.gram_teacher is not None and (gc.weight_schedule is not None or gc.weight > 0):
+            if gc.weight_schedule is not None and iteration is None:
+                raise ValueError("losses: method.gram.weight_schedule needs the iteration")
+            # as the original, the loss is computed (and logged) also while the scheduled weight is 0
+            gram_weight = gc.weight_at(int(iteration or 0), self.cfg.train.iterations)
             with torch.no_grad():
                 gram_patches = self.gram_teacher.forward_features(global_crops)["patch"]
             terms["gram"] = ssl.gram_loss(
-                student_out["global_patch"], gram_patches, img_level=m.gram.img_level, remove_neg=m.gram.remove_neg
+                student_out["global_patch"], gram_patches, img_level=gc.img_level, remove_neg=gc.remove_neg,
+                remove_only_teacher_neg=gc.remove_only_teacher_neg, normalize=gc.normalized,
+                tokens_used=gc.tokens_used, masks=masks,
             )
-            total = total + m.gram.weight * terms["gram"]
+            terms["gram_weight"] = torch.tensor(gram_weight)
+            total = total + gram_weight * terms["gram"]
         terms["loss"] = total
         return terms
 

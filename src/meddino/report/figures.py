@@ -116,7 +116,9 @@ def encoder_boxplot(groups: Mapping[str, Mapping[str, Sequence[float]]], metric:
 
 
 def curve_panels(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[str]]]:
-    """Which keys of a metrics.jsonl go in which panel: losses, kNN monitor, lr / wd / momentum, throughput."""
+    """Which keys of a metrics.jsonl go in which panel: losses, the training-health diagnostics of
+    :mod:`meddino.pretrain.health` (entropies, KL, prototype usage, effective rank), kNN monitor,
+    lr / wd / momentum, throughput."""
     keys: list[str] = []
     for r in rows:
         for k, v in r.items():
@@ -127,18 +129,42 @@ def curve_panels(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[str]
     knn = [k for k in keys if k.startswith("knn_top") or k.startswith("knn_acc") or k.startswith("val_")]
     sched = [k for k in keys if k in ("lr", "backbone_lr", "wd", "momentum", "teacher_temp")]
     speed = [k for k in keys if k in ("images_per_s",)]
-    panels = [("losses", losses), ("kNN monitor", knn), ("schedules", sched), ("throughput", speed)]
+    health = [  # ln_k is drawn as a reference line in the entropy panel, not as a curve
+        (_ENTROPY_PANEL, [k for k in keys if k.endswith("teacher_entropy") or k.endswith("student_entropy")]),
+        ("KL(teacher || student)", [k for k in keys if k.endswith("kl_teacher_student")]),
+        ("prototype usage", [k for k in keys if k.endswith("prototype_usage")]),
+        ("effective rank (teacher CLS)", [k for k in keys if k == "effective_rank"]),
+    ]
+    panels = [("losses", losses), *health, ("kNN monitor", knn), ("schedules", sched), ("throughput", speed)]
     return [(t, ks) for t, ks in panels if ks]
 
 
+_ENTROPY_PANEL = "entropy vs ln K"
+_HEALTH_PANELS = ("losses", _ENTROPY_PANEL, "KL(teacher || student)", "prototype usage", "effective rank (teacher CLS)")
+
+
 def curves_figure(rows: Sequence[Mapping[str, Any]], title: str) -> bytes | None:
-    """Training curves of one run against step; None when it logged nothing plottable."""
+    """Training curves of one run against step; None when it logged nothing plottable.
+
+    The health panels (entropies with the ln K line, KL, prototype usage, effective rank) sit beside the
+    losses; steps with a ``collapse_warning`` are marked by a red dotted line in the losses and health
+    panels and named in the title."""
     panels = curve_panels(rows)
     if not panels:
         return None
-    fig = _figure(3.6 * len(panels), 2.9)
+    warned = sorted({int(r["step"]) for r in rows if r.get("collapse_warning") and
+                     isinstance(r.get("step"), (int, float))})
+    ln_k = [r["ln_k"] for r in rows if isinstance(r.get("ln_k"), (int, float)) and not isinstance(r["ln_k"], bool)]
+    cols = min(4, len(panels))
+    n_rows = math.ceil(len(panels) / cols)
+    fig = _figure(3.6 * cols, 2.9 * n_rows)
     for i, (name, keys) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax = fig.add_subplot(n_rows, cols, i + 1)
+        if name == _ENTROPY_PANEL and ln_k:
+            ax.axhline(ln_k[-1], color="gray", linestyle="--", linewidth=1, label=f"ln K = {ln_k[-1]:.3f}")
+        if name in _HEALTH_PANELS:
+            for j, s in enumerate(warned):
+                ax.axvline(s, color="red", linestyle=":", linewidth=1.2, label="collapse warning" if j == 0 else None)
         for k in keys:
             pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and
                    not isinstance(r.get(k), bool) and isinstance(r.get("step"), (int, float))]
@@ -152,5 +178,7 @@ def curves_figure(rows: Sequence[Mapping[str, Any]], title: str) -> bytes | None
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    if warned:
+        title = f"{title} (collapse warning at step {', '.join(map(str, warned[:5]))})"
     fig.suptitle(title, fontsize=10)
     return _png(fig)

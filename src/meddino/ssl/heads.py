@@ -29,7 +29,9 @@ class DINOHead(nn.Module):
 
     ``weight_norm_last_layer=True`` (v1/v2): the last layer is ``weight_norm(Linear(bottleneck, out,
     bias=False))`` (parametrizations API, g of shape [out, 1] initialised to 1); ``norm_last_layer=True``
-    freezes g at 1 (``requires_grad=False``), v1's default, so each prototype is a unit vector.
+    freezes g at 1 (``requires_grad=False``), v1's default, so each prototype is a unit vector. DINOv2
+    has no such freezing: its g starts at 1 and is trained (with weight decay), so v2 heads are built
+    with ``norm_last_layer=False`` (:func:`make_heads`' version default).
     ``weight_norm_last_layer=False`` (v3): a plain ``Linear`` without bias, trunc-normal(0.02) init.
     DINOv1 checkpoints store the old ``last_layer.weight_g`` / ``weight_v`` keys; torch's parametrization
     converts them on ``load_state_dict``. The parameters of the last layer are those whose name contains
@@ -99,7 +101,7 @@ def make_heads(
     bottleneck_dim: int = 256,
     nlayers: int = 3,
     use_bn: bool = False,
-    norm_last_layer: bool = True,
+    norm_last_layer: bool | None = None,
     ibot_separate: bool | None = None,
     ibot_out_dim: int | None = None,
     ibot_hidden_dim: int | None = None,
@@ -110,12 +112,16 @@ def make_heads(
     v1: no iBOT head (None). v2: the iBOT head IS the DINO head (same module) unless ``ibot_separate``
     is true (the LVD recipe). v3: always a separate iBOT head, plain-Linear last layers; asking for a
     shared head with v3 is a ConfigError, as the original asserts. ``ibot_*`` sizes default to the DINO
-    ones and are only allowed with a separate head.
+    ones and are only allowed with a separate head. ``norm_last_layer`` (frozen weight-norm g) defaults to
+    the version's official behaviour: True for v1 (DINOv1's default), False for v2 (DINOv2 trains g);
+    it has no effect on v3's plain-Linear last layer.
     """
     v = str(version).lower().removeprefix("v")
     if v not in {"1", "2", "3"}:
         raise ConfigError(f"version must be v1, v2 or v3, got {version!r}")
     weight_normed = v in {"1", "2"}
+    if norm_last_layer is None:
+        norm_last_layer = v == "1"
     ibot_sizes_given = any(s is not None for s in (ibot_out_dim, ibot_hidden_dim, ibot_bottleneck_dim))
     separate = (v == "3") if ibot_separate is None else bool(ibot_separate)
     if v == "1" and (ibot_separate or ibot_sizes_given):

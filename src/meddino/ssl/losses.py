@@ -130,12 +130,18 @@ def gram_loss(
     remove_neg: bool = False,
     remove_only_teacher_neg: bool = False,
     normalize: bool = True,
+    tokens_used: str = "all",
+    masks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DINOv3 Gram anchoring: MSE between the patch-similarity (Gram) matrices of student and Gram teacher.
 
-    Patch features [B, N, D] are L2-normalised (``normalize``), then ``G = X X^T`` per image ([B, N, N],
-    ``img_level=True``, the 7B recipe) or over all B*N patches of the local batch (one [BN, BN] matrix,
-    ``img_level=False``, the config default). ``remove_neg`` zeroes negative entries in both matrices.
+    Patch features [B, N, D] are L2-normalised (``normalize``, the official ``gram.normalized``), then
+    ``G = X X^T`` per image ([B, N, N], ``img_level=True``, the 7B recipe) or over all B*N patches of the
+    local batch (one [BN, BN] matrix, ``img_level=False``, the config default). ``tokens_used`` ("all",
+    "masked", "unmasked"; the official ``gram.tokens_used``) keeps only the patches where the iBOT ``masks``
+    [B, N] are true / false before the Gram matrix, which is then one [M, M] matrix over the selected
+    patches of the batch (so it needs ``img_level=False``, as the original asserts); with no patch selected
+    the loss is 0. ``remove_neg`` zeroes negative entries in both matrices.
     ``remove_only_teacher_neg`` zeroes the teacher's negative entries only: the original also tries to
     zero student entries where both are negative, but does so after the teacher has been clipped, so that
     step never fires; meddino reproduces the effective behaviour. Loss = mean of squared differences
@@ -148,12 +154,23 @@ def gram_loss(
             f"gram_loss: student {tuple(student_patches.shape)} and teacher {tuple(teacher_patches.shape)} "
             "must both be [B, N, D]"
         )
+    if tokens_used not in ("all", "masked", "unmasked"):
+        raise ConfigError(f"gram: tokens_used must be all, masked or unmasked, got {tokens_used!r}")
     s = _at_least_fp32(student_patches)
     t = teacher_patches.detach().to(s.dtype)
+    if tokens_used != "all":
+        if img_level:
+            raise ConfigError(f"gram: tokens_used={tokens_used} needs img_level=false (one matrix over the batch)")
+        if masks is None or tuple(masks.shape) != tuple(s.shape[:2]):
+            raise ValueError(f"gram_loss: tokens_used={tokens_used} needs masks [B, N] matching the patches")
+        keep = masks.bool() if tokens_used == "masked" else ~masks.bool()
+        s, t = s[keep], t[keep]  # [M, D]
+        if s.shape[0] == 0:
+            return s.sum() * 0.0
     if normalize:
         s = F.normalize(s, dim=-1)
         t = F.normalize(t, dim=-1)
-    if not img_level:
+    if not img_level and s.dim() == 3:
         s = s.flatten(0, 1)
         t = t.flatten(0, 1)
     g_s = s @ s.transpose(-1, -2)
