@@ -137,13 +137,24 @@ def test_teacher_temperature_per_epoch_v1_and_per_iteration_v2():
 
 def test_freeze_last_layer_and_head_warmup_ramp():
     c = cfg_of("dinov2_tiny", "train.iterations=40", "optim.freeze_last_layer_epochs=1.5",
-               "head_warmup.frozen_iters=5", "head_warmup.ramp_iters=4", "head_warmup.backbone_lr=2e-3")
+               "head_warmup.frozen_iters=5", "head_warmup.ramp_iters=4", "head_warmup.backbone_lr=2e-3",
+               "head_warmup.mode=requires_grad")
     s = Schedules(c, 8, 10)
     assert s.freeze_last_layer_iters == 15
     got = [s.backbone_lr_at(i) for i in range(12)]
     assert got[:5] == [0.0] * 5
     np.testing.assert_allclose(got[5:9], [2e-3 * k / 4 for k in (1, 2, 3, 4)])
     assert got[9:] == [2e-3] * 3
+    assert [s.backbone_wd_factor(i) for i in range(12)] == [1.0] * 12  # requires_grad: wd untouched
+    # FINO (default): the constant lr is a base lr, sqrt-scaled by the global batch like optim.lr
+    # (v2: 2e-3 * sqrt(8 / 1024)), and the weight decay ramps with the lr
+    f = Schedules(cfg_of("dinov2_tiny", "train.iterations=40", "head_warmup.frozen_iters=5",
+                         "head_warmup.ramp_iters=4", "head_warmup.backbone_lr=2e-3"), 8, 10)
+    scaled = 2e-3 * (8 / 1024) ** 0.5
+    np.testing.assert_allclose([f.backbone_lr_at(i) for i in range(12)],
+                               [0.0] * 5 + [scaled * k / 4 for k in (1, 2, 3, 4)] + [scaled] * 3)
+    np.testing.assert_allclose([f.backbone_wd_factor(i) for i in range(12)],
+                               [0.0] * 5 + [k / 4 for k in (1, 2, 3, 4)] + [1.0] * 3)
     c2 = cfg_of("dinov2_tiny", "train.iterations=40", "head_warmup.frozen_iters=3")
     s2 = Schedules(c2, 8, 10)
     assert s2.backbone_lr_at(2) == 0.0 and s2.backbone_lr_at(3) == s2.lr(3)

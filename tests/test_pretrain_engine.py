@@ -160,13 +160,59 @@ def test_head_warmup_freezes_then_trains_backbone(images, tmp_path):
         s = load_checkpoint(out / "checkpoints" / f"checkpoint_{it:08d}.pt")["student"]
         return {k: v for k, v in s.items() if k.startswith("dino_head.mlp")}
 
+    def without_patch_embed(state: dict) -> dict:  # FINO (the default mode) keeps the patch embedding trainable
+        return {k: v for k, v in state.items() if not k.startswith("patch_embed.")}
+
     for it in (1, 2, 3):  # iterations 0..2 frozen
-        assert _state_equal(backbone_at(it), start), f"backbone moved during the frozen phase (checkpoint {it})"
+        assert _state_equal(without_patch_embed(backbone_at(it)), without_patch_embed(start)), \
+            f"backbone moved during the frozen phase (checkpoint {it})"
+    assert not torch.equal(backbone_at(1)["patch_embed.proj.weight"], start["patch_embed.proj.weight"])
     assert not _state_equal(head_at(1), head_at(3)), "the heads must train during the warm-up"
     assert not _state_equal(backbone_at(4), start), "the backbone must train after the frozen phase"
     rows = read_metrics(out)
     # backbone lr: 0 while frozen, then ramps linearly to head_warmup.backbone_lr over ramp_iters
     assert all(r["backbone_lr"] == 0.0 for r in rows if r["step"] <= 3)
+
+
+@pytest.mark.parametrize("mode", ["fino", "requires_grad"])
+def test_head_warmup_modes_moments_and_weight_decay(images, tmp_path, mode):
+    """FINO: while frozen the backbone gets gradients and AdamW moments but lr 0 and weight decay 0, so its
+    weights stay exactly put; the requires_grad variant gives it no gradient and no moment at all."""
+    from meddino.config import load_config
+    from meddino.pretrain.config import PretrainConfig
+    from meddino.pretrain.distributed import init_distributed
+    from meddino.pretrain.engine import Trainer
+
+    cfg = load_config(PretrainConfig, "dinov2_tiny", [
+        f"data.path={images}", f"out={tmp_path / 'run'}", "train.iterations=6", "data.num_workers=0",
+        "head_warmup.frozen_iters=3", "head_warmup.ramp_iters=2", f"head_warmup.mode={mode}"], group="pretrain")
+    tr = Trainer(cfg, init_distributed("cpu"))
+    tr.setup()
+    from meddino.pretrain.data import CropDataset, StepBatchSampler, build_augmentation, make_loader
+
+    ds = CropDataset(tr.source, build_augmentation(cfg, tr.mean, tr.std), cfg.train.seed)
+    loader = make_loader(ds, StepBatchSampler(len(tr.source), tr.global_batch, 0, 1, 0, 0, 3), 0, pin_memory=False)
+    blocks = dict(tr.student.backbone.named_parameters())
+    name = next(n for n in blocks if "blocks.0" in n and n.endswith("fc1.weight"))
+    before = blocks[name].detach().clone()
+    for it, batch in enumerate(loader):
+        tr.train_step(it, batch)
+        groups = [g for g in tr.optimizer.param_groups if g["is_backbone"] and not g["is_patch_embed"]]
+        assert all(g["lr"] == 0.0 for g in groups)
+        patch = [g for g in tr.optimizer.param_groups if g["is_patch_embed"]]
+        if mode == "fino":  # FINO: weight decay ramps with the lr; the patch embedding stays trainable
+            assert all(g["weight_decay"] == 0.0 for g in groups)
+            assert patch and all(g["lr"] == pytest.approx(tr.sched.lr(it) * g["lr_multiplier"]) for g in patch)
+            assert it == 0 or all(g["lr"] > 0.0 for g in patch)  # lr(0) is the warm-up's 0
+        else:
+            assert all(g["lr"] == 0.0 for g in patch)
+    p = blocks[name]
+    assert torch.equal(p.detach(), before), "the frozen backbone moved"
+    state = tr.optimizer.state.get(p, {})
+    if mode == "fino":
+        assert p.requires_grad and int(state["step"]) == 3 and state["exp_avg"].abs().sum() > 0
+    else:
+        assert not p.requires_grad and not state
 
 
 def test_init_patch_size_mismatch_is_one_line(images, tmp_path):

@@ -213,11 +213,20 @@ class TrainConfig(Schema):
 
 
 class HeadWarmupConfig(Schema):
-    """Continued pretraining (FINO recipe): frozen backbone, then a linear lr ramp."""
+    """Continued pretraining (DINOv3 FINO recipe): frozen backbone while the fresh heads train, then a
+    linear ramp of the backbone's lr (and, in ``fino`` mode, its weight decay) to the schedule or to the
+    constant ``backbone_lr``.
+
+    ``mode=fino`` (default) reproduces the FINO branch: the backbone keeps ``requires_grad`` (it receives
+    gradients and its AdamW moments accumulate) while its lr and weight decay are 0; both ramp together;
+    ``backbone_lr`` is a base lr scaled by ``optim.lr_scaling`` like ``optim.lr``. ``mode=requires_grad``
+    is meddino's earlier variant: no gradient, no moments, weight decay untouched, ``backbone_lr`` used as
+    given (unscaled)."""
 
     frozen_iters: int = Field(0, ge=0)
     ramp_iters: int = Field(0, ge=0)
     backbone_lr: float | None = Field(None, ge=0)  # constant backbone lr after the ramp (None = schedule)
+    mode: Literal["fino", "requires_grad"] = "fino"
 
 
 class HealthConfig(Schema):

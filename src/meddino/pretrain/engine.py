@@ -15,9 +15,11 @@ uninterrupted one on CPU.
 
 Continued pretraining (``init=CKPT``): student, teacher and Gram teacher start from the checkpoint (any
 format :func:`meddino.models.resolve_backbone` reads), heads start fresh, and ``head_warmup`` keeps the
-backbone frozen (``requires_grad=False``: no gradient, no AdamW moment, no weight decay) for
-``frozen_iters`` iterations, then ramps its lr linearly over ``ramp_iters`` to the scheduled value (or to
-the constant ``head_warmup.backbone_lr``, the FINO recipe).
+backbone frozen for ``frozen_iters`` iterations, then ramps its lr linearly over ``ramp_iters`` to the
+scheduled value (or to the constant ``head_warmup.backbone_lr``). ``head_warmup.mode=fino`` (default, the
+DINOv3 FINO branch): the backbone keeps receiving gradients and AdamW moments while its lr and weight
+decay are 0, the weight decay ramps with the lr, and the constant lr is batch-scaled like ``optim.lr``;
+``mode=requires_grad``: no gradient, no moment, weight decay as scheduled, the constant lr as given.
 """
 
 from __future__ import annotations
@@ -93,17 +95,28 @@ class Schedules:
             self.teacher_temp = _linear_then_constant(o.teacher_temp_start, o.teacher_temp, w_iters)
         self.freeze_last_layer_iters = int(round(o.freeze_last_layer_epochs * epoch_length))
         hw = cfg.head_warmup
-        self.frozen_iters, self.ramp_iters, self.backbone_lr = hw.frozen_iters, hw.ramp_iters, hw.backbone_lr
+        self.frozen_iters, self.ramp_iters, self.head_warmup_mode = hw.frozen_iters, hw.ramp_iters, hw.mode
+        self.backbone_lr = hw.backbone_lr
+        if hw.backbone_lr is not None and hw.mode == "fino":  # FINO scales its constant lr like optim.lr
+            self.backbone_lr = ssl.scaled_lr(hw.backbone_lr, global_batch, o.lr_scaling or "none")
 
-    def backbone_lr_at(self, it: int) -> float:
-        """Backbone lr at ``it``: 0 while frozen, then a linear ramp to the schedule (or the constant
-        ``head_warmup.backbone_lr``)."""
-        target = self.lr(it) if self.backbone_lr is None else self.backbone_lr
+    def backbone_factor(self, it: int) -> float:
+        """Head warm-up factor of the backbone at ``it``: 0 while frozen, then a linear ramp to 1."""
         if it < self.frozen_iters:
             return 0.0
         if self.ramp_iters > 0:
-            return target * min(1.0, (it - self.frozen_iters + 1) / self.ramp_iters)
-        return target
+            return min(1.0, (it - self.frozen_iters + 1) / self.ramp_iters)
+        return 1.0
+
+    def backbone_lr_at(self, it: int) -> float:
+        """Backbone lr at ``it``: the warm-up factor times the schedule (or the constant
+        ``head_warmup.backbone_lr``)."""
+        target = self.lr(it) if self.backbone_lr is None else self.backbone_lr
+        return target * self.backbone_factor(it)
+
+    def backbone_wd_factor(self, it: int) -> float:
+        """FINO ramps the backbone's weight decay with its lr; the requires_grad variant leaves it alone."""
+        return self.backbone_factor(it) if self.head_warmup_mode == "fino" else 1.0
 
 
 def _linear_then_constant(start: float, end: float, n: int) -> ssl.schedules.Schedule:
@@ -250,7 +263,10 @@ class Trainer:
         if resume_path is not None:
             self._load(resume_path)
         self.model: nn.Module = self.student
-        self._set_backbone_trainable(self.start_iter >= self.sched.frozen_iters, rewrap=False)
+        # FINO keeps the backbone trainable (lr and weight decay 0 while frozen); the requires_grad variant
+        # cuts its gradients until frozen_iters
+        fino = self.sched.head_warmup_mode == "fino"
+        self._set_backbone_trainable(fino or self.start_iter >= self.sched.frozen_iters, rewrap=False)
         self.model = wrap_student(self.student, env, cfg.train.fsdp)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
@@ -379,20 +395,24 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ step
     def _apply_schedules(self, it: int) -> dict[str, float]:
         lr, wd = self.sched.lr(it), self.sched.wd(it)
-        bb_lr = self.sched.backbone_lr_at(it)
+        bb_lr, bb_wd = self.sched.backbone_lr_at(it), wd * self.sched.backbone_wd_factor(it)
         freeze_ll = it < self.sched.freeze_last_layer_iters
+        fino = self.sched.head_warmup_mode == "fino"
+        bb_target = lr if self.sched.backbone_lr is None else self.sched.backbone_lr
         for g in self.optimizer.param_groups:
-            base = bb_lr if g["is_backbone"] else lr
+            # FINO's warm-up leaves the patch embedding trainable: it gets the backbone's target lr at once
+            warm = g["is_backbone"] and not (fino and g["is_patch_embed"])
+            base = bb_lr if warm else (bb_target if g["is_backbone"] else lr)
             if g["is_last_layer"] and freeze_ll and not self.cfg.optim.clip_per_param:
                 base = 0.0  # v2/v3 freeze the prototypes with a zero lr; v1 drops their gradients
             g["lr"] = base * g["lr_multiplier"]
-            g["weight_decay"] = wd * g["wd_multiplier"]
+            g["weight_decay"] = (bb_wd if warm else wd) * g["wd_multiplier"]
         return {"lr": lr, "backbone_lr": bb_lr, "wd": wd, "momentum": self.sched.momentum(it),
                 "teacher_temp": self.sched.teacher_temp(it)}
 
     def train_step(self, it: int, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        if it == self.sched.frozen_iters and self.sched.frozen_iters > 0:
+        if it == self.sched.frozen_iters > 0 and self.sched.head_warmup_mode == "requires_grad":
             self._set_backbone_trainable(True)
         values = self._apply_schedules(it)
         non_blocking = self.device.type == "cuda"

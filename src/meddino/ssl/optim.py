@@ -64,7 +64,8 @@ def param_groups(
     prototype layers (names containing ``last_layer``) for the freeze-last-layer schedule. Frozen
     parameters (``requires_grad=False``) are left out. ``num_layers`` defaults to the number of blocks
     found in the names. Each group has ``params``, ``names``, ``name``, ``lr_multiplier``,
-    ``wd_multiplier``, ``is_last_layer`` and ready-to-use ``lr`` / ``weight_decay``; a schedule sets
+    ``wd_multiplier``, ``is_last_layer``, ``is_patch_embed`` (patch-embedding parameters are always a group of
+their own, so a schedule can treat them apart, as the FINO head warm-up does) and ready-to-use ``lr`` / ``weight_decay``; a schedule sets
     ``lr = lr_t * lr_multiplier`` and ``weight_decay = wd_t * wd_multiplier`` each step.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -82,7 +83,8 @@ def param_groups(
         else:
             wd_mult = 1.0
         is_last = "last_layer" in name
-        key = (float(lr_mult), wd_mult, is_last)
+        is_patch_embed = "patch_embed" in parts
+        key = (float(lr_mult), wd_mult, is_last, is_patch_embed)
         if key not in groups:
             groups[key] = {
                 "params": [],
@@ -91,6 +93,7 @@ def param_groups(
                 "lr_multiplier": float(lr_mult),
                 "wd_multiplier": wd_mult,
                 "is_last_layer": is_last,
+                "is_patch_embed": is_patch_embed,
                 "lr": base_lr * lr_mult,
                 "weight_decay": weight_decay * wd_mult,
             }
