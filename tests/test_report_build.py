@@ -458,3 +458,25 @@ def test_unusable_predictions_keep_the_table_row(tmp_path):
     assert {r["model"] for r in rep.tables["segmentation"]} == {"a", "b", "c"}
     assert {r["model"] for r in rep.tables["segmentation_bootstrap"]} == {"a", "b"}
     assert any("c: predictions not usable" in w and "lacks column" in w for w in rep.col.warnings)
+
+
+def test_compare_sentence_counts_clear_wins_within_a_protocol():
+    """Hand-made paired rows: the better point is stored first, so a row where B leads is turned around."""
+    from meddino.report.build import compare_sentence
+
+    rows = [
+        {"task": "classification", "metric": "auroc", "model_a": "cont [knn]", "model_b": "gen [knn]",
+         "diff": 0.05, "frac_a_better": 0.97, "frac_tie": 0.0},
+        {"task": "classification", "metric": "auroc", "model_a": "gen [linear]", "model_b": "cont [linear]",
+         "diff": 0.02, "frac_a_better": 0.60, "frac_tie": 0.10},  # gen leads: cont - gen = -0.02, P = 0.30
+        {"task": "classification", "metric": "auroc", "model_a": "cont [knn]", "model_b": "gen [linear]",
+         "diff": 0.30, "frac_a_better": 1.0, "frac_tie": 0.0},  # across protocols: ignored
+        {"task": "segmentation", "metric": "dice", "model_a": "gen", "model_b": "cont",
+         "diff": 0.10, "frac_a_better": 0.99, "frac_tie": 0.0},  # gen clearly better: a loss for cont
+    ]
+    s = compare_sentence(rows, "cont", "gen", 0.95)
+    assert s.startswith("cont beats gen with P(better) >= 0.95 in 1 of 3 comparisons and loses as clearly in 1:")
+    assert "classification auroc [knn] +0.050 (P=0.97)" in s
+    assert "classification auroc [linear] -0.020 (P=0.30)" in s
+    assert "segmentation dice -0.100 (P=0.01)" in s
+    assert compare_sentence(rows, "cont", "random", 0.95) is None

@@ -60,6 +60,9 @@ class ReportConfig(Schema):
     out: str | None = None  # default RUNS/report
     title: str = "meddino report"
     bootstrap: BootstrapConfig = BootstrapConfig()
+    # two model names (A, B): the summary opens with one sentence on A against B (e.g. continued vs its start)
+    compare: tuple[str, str] | None = None
+    p_better: float = Field(0.95, gt=0.5, lt=1)  # P(A better) that counts as a clear gain in that sentence
 
 
 # ------------------------------------------------------------------------------------------ pure helpers
@@ -115,6 +118,7 @@ class Report:
     rank_keys: dict[str, list[str]] = field(default_factory=dict)
     figures: dict[str, bytes] = field(default_factory=dict)  # name -> PNG
     notes: list[str] = field(default_factory=list)
+    headline: str | None = None  # the compare= sentence
 
 
 def _fmt(v: Any) -> str:
@@ -135,6 +139,46 @@ def entry_labels(evals: list[EvalRun]) -> dict[int, str]:
             extra = [x for x, on in ((r.protocol, vary_protocol), (r.encoder or "?", vary_encoder)) if on]
             out[id(r)] = r.name + (f" [{', '.join(extra)}]" if extra else "")
     return out
+
+
+def split_label(label: str) -> tuple[str, str]:
+    """An entry label ("name [protocol, encoder]") -> (model name, the bracket's text or "")."""
+    name, sep, rest = label.partition(" [")
+    return (name, rest.rstrip("]")) if sep else (label, "")
+
+
+def compare_sentence(paired: list[dict[str, Any]], a: str, b: str, p_better: float = 0.95) -> str | None:
+    """One sentence on model ``a`` against model ``b`` over every paired-bootstrap row that compares the
+    two within one protocol: how many comparisons ``a`` wins with P(a better) >= ``p_better``, how many
+    ``b`` wins that clearly, and each comparison's difference and P. None when no row pairs them."""
+    parts, wins, losses = [], 0, 0
+    for r in paired:
+        (na, pa), (nb, pb) = split_label(r["model_a"]), split_label(r["model_b"])
+        if pa != pb or {na, nb} != {a, b}:
+            continue
+        sign = 1.0 if na == a else -1.0  # rows store the better point first; turn them into a - b
+        diff = sign * r["diff"]
+        p_a = r["frac_a_better"] if na == a else 1.0 - r["frac_a_better"] - r["frac_tie"]
+        wins += p_a >= p_better
+        losses += (1.0 - p_a - r["frac_tie"]) >= p_better
+        where = f"{r['task']} {r['metric']}" + (f" [{pa}]" if pa else "")
+        parts.append(f"{where} {diff:+.3f} (P={p_a:.2f})")
+    if not parts:
+        return None
+    verdict = (f"{a} beats {b} with P(better) >= {p_better:g} in {wins} of {len(parts)} comparisons"
+               + (f" and loses as clearly in {losses}" if losses else ""))
+    return f"{verdict}: " + "; ".join(parts) + "."
+
+
+def _headline(rep: Report) -> None:
+    if rep.cfg.compare is None:
+        return
+    a, b = rep.cfg.compare
+    rows = [r for name, rs in sorted(rep.tables.items()) if name.endswith("_paired") for r in rs]
+    rep.headline = compare_sentence(rows, a, b, rep.cfg.p_better)
+    if rep.headline is None:
+        rep.notes.append(f"compare: no paired comparison of '{a}' and '{b}' (model names: "
+                         f"{', '.join(sorted({split_label(l)[0] for (_t, _d, l) in rep.entries}))})")
 
 
 def _select_entries(rep: Report) -> None:
@@ -361,6 +405,7 @@ def make_report(cfg: ReportConfig) -> Report:
     _summary_tables(rep)
     _bootstrap(rep)
     _ranks(rep)
+    _headline(rep)
     _iterations(rep)
     _encoders(rep)
     _curves(rep)
@@ -388,6 +433,8 @@ def run_report(cfg: ReportConfig) -> Path:
         fh.write(page)
     for w in rep.col.warnings:
         print(f"meddino report: warning: {w}", file=sys.stderr)
+    if rep.headline:
+        print(rep.headline, file=sys.stderr)
     return path
 
 
@@ -397,6 +444,7 @@ __all__ = [
     "Report",
     "ReportConfig",
     "bootstrap_group",
+    "compare_sentence",
     "entry_labels",
     "make_report",
     "run_report",

@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     )
     p.add_argument("runs", metavar="RUNS_DIR", help="folder holding run folders (searched recursively)")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
-                   help="out=DIR bootstrap.samples=1000 bootstrap.seed=0 bootstrap.alpha=0.05 title=TEXT")
+                   help="out=DIR bootstrap.samples=1000 bootstrap.seed=0 bootstrap.alpha=0.05 title=TEXT "
+                   "compare=[MODEL_A, MODEL_B] (opens the summary with one sentence on A against B) p_better=0.95")
     p.set_defaults(handler=_report)
 
 

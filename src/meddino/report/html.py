@@ -68,7 +68,8 @@ def _summary(rep: Report) -> str:
     col = rep.col
     items = [f"{len(col.evals)} evaluation run(s)", f"{len(col.pretrain)} pretraining run(s)",
              f"{len(col.viz)} visualisation run(s)", f"{len(col.profiles)} profile run(s)"]
-    lines = [f"<p>Runs under <code>{_e(rep.cfg.runs)}</code>: {_e(', '.join(items))}.</p>"]
+    lines = [f"<p><b>{_e(rep.headline)}</b></p>"] if rep.headline else []
+    lines.append(f"<p>Runs under <code>{_e(rep.cfg.runs)}</code>: {_e(', '.join(items))}.</p>")
     tasks = sorted({r.task for r in col.evals})
     for task in tasks:
         datasets = sorted({d for (t, d, _l) in rep.entries if t == task})
