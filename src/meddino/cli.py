@@ -137,6 +137,9 @@ def _group_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from meddino.devices import configure_cpu_threads, set_openmp_wait_policy  # imports no torch
+
+    set_openmp_wait_policy()  # before anything loads torch's OpenMP runtime, which reads it once
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides given after options (e.g. `viz pca IMG --backbone X out=DIR`)
@@ -148,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        listing = args.handler is _recipes or (args.command in GROUPS and not getattr(args, f"{args.command}_command"))
+        if not listing:  # the verb will load torch: fit its threads to the free cores before parallel work
+            configure_cpu_threads()
         code = args.handler(args)
     except UserError as exc:
         print(f"meddino: error: {exc}", file=sys.stderr)
