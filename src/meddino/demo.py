@@ -2,9 +2,11 @@
 
 1. data: MNI152 T1 slices (nilearn) + CT/MR/US test images (pydicom) -> unlabeled set; anatomical-level
    labels and grey/white-matter masks derived from the same files (see :mod:`meddino.data.bundled`);
-2. a start checkpoint (the tiny DINOv2 ViT, seeded random init, exported) and continued DINOv2 pretraining
-   from it;
-3. start vs continued backbone: kNN and linear probe (patient-level folds) and a frozen-encoder linear
+2. three backbones, as the seeds compare them: the tiny DINOv2 ViT at a seeded random init, the shipped
+   "generic" start (the same ViT pretrained by meddino on natural photos, ``assets/generic_dinov2_tiny``,
+   rebuilt by ``scripts/make_generic_start.py``), and that generic start continued with DINOv2 on the
+   medical images;
+3. the three backbones side by side: kNN and linear probe (patient-level folds) and a frozen-encoder linear
    segmentation head;
 4. kNN on the intermediate checkpoint too (metric vs pretraining iteration), PCA feature maps of both
    backbones, bootstrap ranks and the HTML report.
@@ -33,17 +35,23 @@ class DemoPlan:
     bootstrap: int
 
 
-QUICK = DemoPlan(size=32, slice_step=2, iterations=60, batch_size=16, seg_epochs=4, linear_epochs=30, bootstrap=200)
-FULL = DemoPlan(size=64, slice_step=1, iterations=800, batch_size=16, seg_epochs=12, linear_epochs=60, bootstrap=1000)
+GENERIC, CONTINUED = "generic (natural photos)", "continued DINOv2"
+
+QUICK = DemoPlan(size=32, slice_step=2, iterations=40, batch_size=32, seg_epochs=4, linear_epochs=30, bootstrap=200)
+FULL = DemoPlan(size=64, slice_step=1, iterations=200, batch_size=64, seg_epochs=12, linear_epochs=60, bootstrap=1000)
+
+# docs/pretrain.md, "Why tiny runs sit at ln K": a teacher that can move in a short run, sharpening without
+# the warm-up to 0.07, and the FINO head warm-up because the heads start fresh on a pretrained backbone
+SMALL_SCALE = ("optim.momentum=0.95", "optim.momentum_end=0.995", "optim.teacher_temp=0.04")
 
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p = sub.add_parser(
         "demo",
         help="run the whole chain on bundled real medical images (CPU, minutes, no download)",
-        description="Continued DINOv2 pretraining of a tiny ViT on MNI152 and DICOM test images, start vs "
-        "continued evaluation (kNN, linear probe, frozen-encoder segmentation), PCA maps, bootstrap "
-        "ranks and an HTML report.",
+        description="A tiny DINOv2 ViT pretrained on natural photos (the shipped generic start) continued "
+        "on MNI152 and DICOM test images; random init vs generic vs continued evaluation (kNN, linear probe, "
+        "frozen-encoder segmentation), PCA maps, bootstrap ranks and an HTML report.",
     )
     p.add_argument("--quick", action="store_true", help="smaller images and fewer iterations (< 3 minutes)")
     p.add_argument("overrides", nargs="*", metavar="out=DIR", help="out=DIR (default runs/demo)")
@@ -72,6 +80,17 @@ def _run(*argv: object) -> None:
         raise UserError(f"demo step failed (exit {code}): meddino {' '.join(args[:2])}")
 
 
+def generic_start() -> Path:
+    """The shipped generic start checkpoint (tiny DINOv2 ViT pretrained on natural photos)."""
+    from importlib.resources import files
+
+    path = Path(str(files("meddino") / "assets" / "generic_dinov2_tiny.safetensors"))
+    if not path.is_file():
+        raise UserError(f"demo: the generic start checkpoint {path} is missing from this install; "
+                        "rebuild it with scripts/make_generic_start.py")
+    return path
+
+
 def _step(n: int, text: str) -> None:
     print(f"\n[{n}/6] {text}", flush=True)
 
@@ -90,25 +109,27 @@ def run_demo(out: Path, plan: DemoPlan = FULL) -> Path:
     n_unlabeled = sum(1 for _ in data.unlabeled.iterdir())
     print(f"  {n_unlabeled} unlabeled images, labelled slices in {data.classify_manifest.name} and {data.seg_manifest.name}")
 
-    _step(2, f"continued DINOv2 pretraining of a tiny ViT ({plan.iterations} iterations)")
+    _step(2, f"continued DINOv2 pretraining of the generic tiny ViT on the medical images ({plan.iterations} iterations)")
     torch.manual_seed(0)
-    start = export_backbone(build_backbone("dinov2_tiny", img_size=plan.size), out / "start_backbone")
+    random_start = export_backbone(build_backbone("dinov2_tiny", img_size=plan.size), out / "start_backbone")
+    generic = generic_start()
     pretrain_dir = runs / "pretrain"
-    _run("pretrain", "--config", "dinov2_tiny", f"data.path={data.unlabeled}", f"init={start}",
+    _run("pretrain", "--config", "dinov2_tiny", f"data.path={data.unlabeled}", f"init={generic}",
          f"out={pretrain_dir}", f"train.iterations={plan.iterations}", f"data.batch_size={plan.batch_size}",
          f"crops.global_size={plan.size}", f"crops.local_size={plan.size // 2}",
-         f"train.checkpoint_every={max(plan.iterations // 2, 1)}", "resume=auto")
+         f"train.checkpoint_every={max(plan.iterations // 2, 1)}", "resume=auto", *SMALL_SCALE,
+         f"head_warmup.frozen_iters={plan.iterations // 8}", f"head_warmup.ramp_iters={plan.iterations // 8}")
     # the per-checkpoint exports carry their iteration in the name, so the report can plot metric vs iteration;
     # the last one holds the same weights as OUT/teacher_backbone.safetensors
     snapshots = sorted((pretrain_dir / "checkpoints").glob("teacher_backbone_*.safetensors"))
     continued = snapshots[-1] if snapshots else pretrain_dir / "teacher_backbone.safetensors"
-    backbones = {"start (random init)": start, "continued DINOv2": continued}
+    backbones = {"random init": random_start, GENERIC: generic, CONTINUED: continued}
 
     _step(3, "patient-level folds for the labelled slices")
     folds = out / "data" / "classify_folds.csv"
     _run("data", "split", data.classify_manifest, f"out={folds}", "k=3", "seed=0")
 
-    _step(4, "classification (kNN, linear probe) and frozen-encoder segmentation, start vs continued")
+    _step(4, "classification (kNN, linear probe) and frozen-encoder segmentation: random vs generic vs continued")
     for i, (name, spec) in enumerate(backbones.items()):
         tag = f"m{i}"
         common = [f"data.manifest={folds}", f"backbone={spec}", f"model_name={name}", "dataset_name=MNI152 level"]
@@ -123,10 +144,10 @@ def run_demo(out: Path, plan: DemoPlan = FULL) -> Path:
     for snapshot in snapshots[:-1]:  # kNN along the pretraining run
         iteration = int(snapshot.stem.rsplit("_", 1)[-1])
         _run("eval", "knn", "--config", "knn_tiny", f"data.manifest={folds}", f"backbone={snapshot}",
-             f"model_name=continued DINOv2 (iteration {iteration})", "dataset_name=MNI152 level",
+             f"model_name={CONTINUED} (iteration {iteration})", "dataset_name=MNI152 level",
              f"data.img_size={plan.size}", f"out={runs / f'knn_it{iteration}'}")
 
-    _step(5, "PCA feature maps of both backbones")
+    _step(5, "PCA feature maps of the three backbones")
     labels = []
     for name in backbones:
         labels += ["--label", name]
@@ -134,6 +155,7 @@ def run_demo(out: Path, plan: DemoPlan = FULL) -> Path:
          f"out={runs / 'pca'}", f"img_size={plan.size}")
 
     _step(6, "bootstrap ranks and the HTML report")
-    _run("report", runs, f"out={out / 'report'}", f"bootstrap.samples={plan.bootstrap}", "title=meddino demo")
+    _run("report", runs, f"out={out / 'report'}", f"bootstrap.samples={plan.bootstrap}", "title=meddino demo",
+         f"compare=[{CONTINUED}, {GENERIC}]")
     print(f"  demo took {time.time() - t0:.0f} s")
     return out / "report" / "report.html"

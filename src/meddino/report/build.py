@@ -161,7 +161,8 @@ def compare_sentence(paired: list[dict[str, Any]], a: str, b: str, p_better: flo
         p_a = r["frac_a_better"] if na == a else 1.0 - r["frac_a_better"] - r["frac_tie"]
         wins += p_a >= p_better
         losses += (1.0 - p_a - r["frac_tie"]) >= p_better
-        where = f"{r['task']} {r['metric']}" + (f" [{pa}]" if pa else "")
+        where = (f"{r['task']} {r['metric']}" + ("" if higher_is_better(r["metric"]) else " (lower is better)")
+                 + (f" [{pa}]" if pa else ""))
         parts.append(f"{where} {diff:+.3f} (P={p_a:.2f})")
     if not parts:
         return None
