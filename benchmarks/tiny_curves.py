@@ -59,7 +59,7 @@ def run_one(recipe: str, data: Path, out: Path, iterations: int, batch: int, ove
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipes", nargs="+", default=["dinov1_tiny", "dinov2_tiny", "dinov3_tiny"])
+    p.add_argument("--recipes", nargs="*", default=["dinov1_tiny", "dinov2_tiny", "dinov3_tiny"])
     p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=32, help="demo image size (the tiny recipes' global crop)")
