@@ -393,6 +393,15 @@ class Trainer:
         barrier()
 
     # ------------------------------------------------------------------------------------------ step
+    def end_iteration(self) -> int:
+        """The iteration this process stops at: ``train.iterations``, or ``train.stop_at`` before it."""
+        t = self.cfg.train
+        return min(t.iterations, t.stop_at or t.iterations)
+
+    def is_log_step(self, done: int) -> bool:
+        """Whether the row after ``done`` completed iterations is logged (every ``log_every``, and the last)."""
+        return done % self.cfg.train.log_every == 0 or done == self.end_iteration()
+
     def _apply_schedules(self, it: int) -> dict[str, float]:
         lr, wd = self.sched.lr(it), self.sched.wd(it)
         bb_lr, bb_wd = self.sched.backbone_lr_at(it), wd * self.sched.backbone_wd_factor(it)
@@ -431,10 +440,9 @@ class Trainer:
             out = self.model(g, loc, masks)
             terms = self.objective.losses(out, targets, masks, g, b, iteration=it)
         if self.health_window is not None:  # argmaxes every step; the tensors (detached) on log steps only
-            t = cfg.train
-            log_now = (it + 1) % t.log_every == 0 or it + 1 == min(t.iterations, t.stop_at or t.iterations)
             self.health_window.update(targets["cls_probs"], out["cls_logits"], targets.get("cls_features"),
-                                      targets.get("patch_probs"), out.get("patch_logits"), keep=log_now)
+                                      targets.get("patch_probs"), out.get("patch_logits"),
+                                      keep=self.is_log_step(it + 1))
         loss = terms["loss"]
         avg = mean_over_ranks(loss.detach().float().reshape(1))
         if not torch.isfinite(avg).all():
@@ -477,7 +485,7 @@ class Trainer:
         if self.start_iter > 0 and env.is_main:
             _truncate_metrics(self.out / "metrics.jsonl", self.start_iter)
         total = cfg.train.iterations
-        end = min(total, cfg.train.stop_at or total)
+        end = self.end_iteration()
         if self.start_iter >= end:
             if env.is_main:
                 print(f"nothing to do: the checkpoint is at iteration {self.start_iter} "
@@ -504,7 +512,7 @@ class Trainer:
                 terms = self.train_step(it, batch)
                 n_log += 1
                 done = it + 1
-                if done % cfg.train.log_every == 0 or done == end:
+                if self.is_log_step(done):
                     self._merge_skipped()
                     now = time.perf_counter()
                     row = {k: float(v) for k, v in terms.items()}
