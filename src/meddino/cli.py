@@ -1,130 +1,115 @@
-"""The ``meddino`` command line: parses, loads a config, calls one function of a layer below.
+"""The ``meddino`` command line, the top layer: builds argparse from the verbs every layer declares.
 
-Verbs live with their layer: each module in :data:`COMMAND_MODULES` exposes ``register(sub, groups)`` and
-adds its sub-commands there (``groups`` holds the shared ``eval``, ``predict`` and ``data`` sub-parsers).
-A config-driven verb is declared with :func:`add_config_command`; its schema and runner are imported only
-when the verb runs, so ``meddino --help`` stays fast. A :class:`~meddino.errors.UserError` anywhere ends
-the run with one line on stderr and exit code 2.
+Each layer's ``commands.py`` declares its verbs as :class:`~meddino.verbs.Verb` records (name, help,
+schema, runner, arguments); this module alone turns them into sub-commands, and no module below imports it.
+A verb's schema and runner are imported only when it runs, so ``meddino --help`` stays fast. A
+:class:`~meddino.errors.UserError` anywhere ends the run with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
-from meddino import __version__
+from meddino import __version__, demo
+from meddino.data import commands as data_commands
 from meddino.errors import UserError
+from meddino.models import commands as model_commands
+from meddino.pretrain import commands as pretrain_commands
+from meddino.profile import commands as profile_commands
+from meddino.report import commands as report_commands
+from meddino.tasks.classify import commands as classify_commands
+from meddino.tasks.phase import commands as phase_commands
+from meddino.tasks.seg import commands as seg_commands
+from meddino.verbs import Arg, Verb, run_verb
+from meddino.viz import commands as viz_commands
 
-COMMAND_MODULES = [
-    "meddino.models.commands",
-    "meddino.data.commands",
-    "meddino.pretrain.commands",
-    "meddino.tasks.classify.commands",
-    "meddino.tasks.seg.commands",
-    "meddino.tasks.phase.commands",
-    "meddino.report.commands",
-    "meddino.viz.commands",
-    "meddino.profile.commands",
-    "meddino.demo",
-]
 GROUPS = {
     "eval": "evaluate a backbone on a downstream task",
     "predict": "run a trained downstream model on new data",
     "data": "prepare data: extract frames, make patient-level splits",
+    "viz": "feature visualisations (PCA maps, attention maps)",
 }
+RECIPES = Verb(
+    "recipes",
+    help="list the recipes shipped with meddino",
+    schema="meddino.config:RecipesConfig",
+    run="meddino.config:print_recipes",
+    args=(Arg("group", "group", nargs="?", help="only this group (pretrain, eval, ...)"),),
+    uses_torch=False,
+)
+VERBS: tuple[Verb, ...] = (
+    RECIPES,
+    *model_commands.VERBS,
+    *data_commands.VERBS,
+    *pretrain_commands.VERBS,
+    *classify_commands.VERBS,
+    *seg_commands.VERBS,
+    *phase_commands.VERBS,
+    *report_commands.VERBS,
+    *viz_commands.VERBS,
+    *profile_commands.VERBS,
+    *demo.VERBS,
+)
 
 
-def load_attr(path: str) -> Any:
-    """``"package.module:attr"`` -> the attribute (imported on demand)."""
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-def add_config_command(
-    sub: argparse._SubParsersAction,
-    name: str,
-    help: str,
-    schema: str,
-    run: str,
-    recipe_group: str,
-    default_recipe: str | None = None,
-    positional: list[tuple[str, str]] | None = None,
-) -> argparse.ArgumentParser:
-    """A verb of the form ``meddino NAME [POSITIONAL ...] --config RECIPE key.sub=value ...``.
-
-    ``schema`` and ``run`` are ``module:attr`` paths; ``run(cfg)`` receives the validated config.
-    ``positional`` maps extra positional arguments onto config keys (e.g. ``[("video", "video")]``).
-    """
-    parser = sub.add_parser(name, help=help, description=help)
-    for arg, _key in positional or []:
-        parser.add_argument(arg)
-    parser.add_argument(
-        "--config",
-        "-c",
-        default=default_recipe,
-        help="recipe name (see `meddino recipes`) or YAML path"
-        + (f"; default {default_recipe}" if default_recipe else ""),
-    )
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-
-    def handler(args: argparse.Namespace) -> int | None:
-        from meddino.config import load_config
-
-        extra = [f"{key}={getattr(args, arg)}" for arg, key in positional or []]
-        cfg = load_config(load_attr(schema), args.config, extra + list(args.overrides), recipe_group)
-        return load_attr(run)(cfg)
-
-    parser.set_defaults(handler=handler)
-    return parser
-
-
-def _recipes(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from meddino.config import list_recipes
-
-    table = Table(title="meddino recipes (use with --config NAME)")
-    table.add_column("group")
-    table.add_column("name")
-    table.add_column("description")
-    for group, items in list_recipes().items():
-        if args.group and group != args.group:
-            continue
-        for name, desc in items:
-            table.add_row(group, name, desc)
-    Console().print(table)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verbs: tuple[Verb, ...] = VERBS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meddino",
         description="Continued DINO pretraining and downstream evaluation for medical and surgical images.",
     )
     parser.add_argument("--version", action="version", version=f"meddino {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    rec = sub.add_parser("recipes", help="list the recipes shipped with meddino")
-    rec.add_argument("group", nargs="?", help="only this group (pretrain, eval, ...)")
-    rec.set_defaults(handler=_recipes)
-    groups = {}
-    for name, help in GROUPS.items():
-        group_parser = sub.add_parser(name, help=help, description=help)
-        groups[name] = group_parser.add_subparsers(dest=f"{name}_command", metavar="TASK")
-        group_parser.set_defaults(handler=_group_help(group_parser))
-    for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # that layer is not part of this installation
-            raise
-        module.register(sub, groups)
+    places: dict[str | None, argparse._SubParsersAction] = {None: sub}
+    for verb in verbs:
+        if verb.group not in places:
+            group_help = GROUPS[verb.group]
+            group_parser = sub.add_parser(verb.group, help=group_help, description=group_help)
+            places[verb.group] = group_parser.add_subparsers(dest=f"{verb.group}_command", metavar="TASK")
+            group_parser.set_defaults(handler=_group_help(group_parser))
+        add_verb(places[verb.group], verb)
     return parser
+
+
+def add_verb(sub: argparse._SubParsersAction, verb: Verb) -> argparse.ArgumentParser:
+    """One sub-command from its declaration: arguments, ``--config`` where it has recipes, overrides."""
+    parser = sub.add_parser(verb.name, help=verb.help, description=verb.description or verb.help)
+    for arg in verb.args:
+        if arg.positional:
+            parser.add_argument(arg.name, metavar=arg.metavar, nargs=arg.nargs, help=arg.help)
+        elif arg.switch:
+            parser.add_argument(arg.name, dest=arg.dest, action="store_true", help=arg.help)
+        else:
+            parser.add_argument(arg.name, dest=arg.dest, action="append" if arg.repeat else "store",
+                                required=arg.required, choices=arg.choices, help=arg.help,
+                                metavar=arg.metavar or (None if arg.choices else arg.name.lstrip("-").upper()))
+    if verb.recipes:
+        default = verb.default_recipe
+        parser.add_argument("--config", "-c", default=default,
+                            help="recipe name (see `meddino recipes`) or YAML path"
+                            + (f"; default {default}" if default else ""))
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help=verb.overrides_help)
+    parser.set_defaults(handler=_handler(verb), verb=verb)
+    return parser
+
+
+def _handler(verb: Verb) -> Callable[[argparse.Namespace], int]:
+    def handle(args: argparse.Namespace) -> int:
+        overrides: list[str] = []
+        values = {}
+        for arg in verb.args:
+            given = getattr(args, arg.name if arg.positional else arg.dest)
+            if given is None or given is False:
+                continue
+            if arg.positional and arg.nargs in ("+", "*"):  # key=value items that argparse gave the list
+                overrides += [g for g in given if "=" in g]
+                given = [g for g in given if "=" not in g]
+            values[arg.key] = given
+        return run_verb(verb, getattr(args, "config", None), overrides + list(args.overrides), values)
+
+    return handle
 
 
 def _group_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
@@ -151,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        listing = args.handler is _recipes or (args.command in GROUPS and not getattr(args, f"{args.command}_command"))
-        if not listing:  # the verb will load torch: fit its threads to the free cores before parallel work
+        verb = getattr(args, "verb", None)
+        if verb is not None and verb.uses_torch:  # fit torch's threads to the free cores before parallel work
             configure_cpu_threads()
         code = args.handler(args)
     except UserError as exc:

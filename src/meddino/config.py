@@ -117,14 +117,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{part}' is given both a value and sub-keys")
-        node[parts[-1]] = value
+        set_dotted(out, key, value, f"override '{item}'")
     return out
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, what: str | None = None) -> None:
+    """``data["a"]["b"] = value`` for ``key="a.b"``, creating the mappings on the way."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what or key}: '{part}' is given both a value and sub-keys")
+    node[parts[-1]] = value
 
 
 def validate(schema: type[S], data: dict[str, Any], source: str = "config") -> S:
@@ -164,18 +169,53 @@ def _fields_at(schema: type[BaseModel], path: list[str]) -> list[str]:
 
 
 def load_config(
-    schema: type[S], spec: str | None, overrides: list[str] | None = None, group: str | None = None
+    schema: type[S],
+    spec: str | None,
+    overrides: list[str] | None = None,
+    group: str | None = None,
+    values: dict[str, Any] | None = None,
+    source: str | None = None,
 ) -> S:
-    """Recipe (name or path, may be None for schema defaults) + overrides -> validated config."""
+    """Recipe (name or path, may be None for schema defaults) + overrides -> validated config.
+
+    ``values`` (dotted key -> value, e.g. a positional path) are set last and as given, not parsed as YAML.
+    ``source`` names the config in error messages (default: the recipe file, or "config").
+    """
     data: dict[str, Any] = {}
-    source = "config"
+    named = "config"
     if spec:
         path = find_recipe(spec, group)
         data = load_yaml(path)
-        source = f"config {path.name}"
+        named = f"config {path.name}"
     data = deep_merge(data, parse_overrides(list(overrides or [])))
-    return validate(schema, data, source)
+    for key, value in (values or {}).items():
+        set_dotted(data, key, value)
+    return validate(schema, data, source or named)
 
 
 def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+class RecipesConfig(Schema):
+    """``meddino recipes [GROUP]``."""
+
+    group: str | None = None
+
+
+def print_recipes(cfg: RecipesConfig) -> int:
+    """The shipped recipes as a table (only ``cfg.group`` when given)."""
+    from rich.console import Console  # rich only for this listing
+    from rich.table import Table
+
+    table = Table(title="meddino recipes (use with --config NAME)")
+    table.add_column("group")
+    table.add_column("name")
+    table.add_column("description")
+    for group, items in list_recipes().items():
+        if cfg.group and group != cfg.group:
+            continue
+        for name, desc in items:
+            table.add_row(group, name, desc)
+    Console().print(table)
+    return 0

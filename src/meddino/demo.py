@@ -16,12 +16,18 @@ Every step is the real CLI verb run in this process, so the demo exercises exact
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from meddino.config import Schema
 from meddino.errors import UserError
+from meddino.pretrain import commands as pretrain_commands
+from meddino.report import commands as report_commands
+from meddino.tasks.classify import commands as classify_commands
+from meddino.tasks.seg import commands as seg_commands
+from meddino.verbs import Arg, Verb, run_verb
+from meddino.viz import commands as viz_commands
 
 
 @dataclass(frozen=True)
@@ -45,39 +51,45 @@ FULL = DemoPlan(size=64, slice_step=1, iterations=200, batch_size=64, seg_epochs
 SMALL_SCALE = ("optim.momentum=0.95", "optim.momentum_end=0.995", "optim.teacher_temp=0.04")
 
 
-def register(sub: argparse._SubParsersAction, groups: dict) -> None:
-    p = sub.add_parser(
+VERBS = (
+    Verb(
         "demo",
         help="run the whole chain on bundled real medical images (CPU, minutes, no download)",
         description="A tiny DINOv2 ViT pretrained on natural photos (the shipped generic start) continued "
         "on MNI152 and DICOM test images; random init vs generic vs continued evaluation (kNN, linear probe, "
         "frozen-encoder segmentation), PCA maps, bootstrap ranks and an HTML report.",
-    )
-    p.add_argument("--quick", action="store_true", help="smaller images and fewer iterations (< 3 minutes)")
-    p.add_argument("overrides", nargs="*", metavar="out=DIR", help="out=DIR (default runs/demo)")
-    p.set_defaults(handler=_demo)
+        schema="meddino.demo:DemoConfig",
+        run="meddino.demo:run",
+        source="demo takes only out=DIR",
+        args=(Arg("--quick", "quick", switch=True, help="smaller images and fewer iterations (< 3 minutes)"),),
+        overrides_help="out=DIR (default runs/demo)",
+    ),
+)
+# the verbs the demo runs, by their command-line path ("eval knn")
+STEPS = {v.path: v for v in (*pretrain_commands.VERBS, *classify_commands.VERBS, *seg_commands.VERBS,
+                             *viz_commands.VERBS, *report_commands.VERBS)}
 
 
-def _demo(args: argparse.Namespace) -> int:
-    out = Path("runs/demo")
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        if key != "out" or not value:
-            raise UserError(f"demo: unknown option '{item}' (only out=DIR)")
-        out = Path(value)
-    report = run_demo(out, QUICK if args.quick else FULL)
+class DemoConfig(Schema):
+    quick: bool = False
+    out: str = "runs/demo"
+
+
+def run(cfg: DemoConfig) -> int:
+    report = run_demo(Path(cfg.out), QUICK if cfg.quick else FULL)
     print(f"\nmeddino demo finished: open {report}")
     return 0
 
 
-def _run(*argv: object) -> None:
-    """One CLI verb in this process; a failure stops the demo with that verb's message."""
-    from meddino.cli import main
-
-    args = [str(a) for a in argv]
-    code = main(args)
+def _run(path: str, *overrides: object, recipe: str | None = None, **values: object) -> None:
+    """One verb, exactly as ``meddino PATH [--config RECIPE] OVERRIDES`` runs it; a failure stops the demo
+    with that verb's message."""
+    try:
+        code = run_verb(STEPS[path], recipe, [str(o) for o in overrides], values)
+    except UserError as exc:
+        raise UserError(f"demo step `meddino {path}` failed: {exc}") from None
     if code != 0:
-        raise UserError(f"demo step failed (exit {code}): meddino {' '.join(args[:2])}")
+        raise UserError(f"demo step failed (exit {code}): meddino {path}")
 
 
 def generic_start() -> Path:
@@ -114,11 +126,12 @@ def run_demo(out: Path, plan: DemoPlan = FULL) -> Path:
     random_start = export_backbone(build_backbone("dinov2_tiny", img_size=plan.size), out / "start_backbone")
     generic = generic_start()
     pretrain_dir = runs / "pretrain"
-    _run("pretrain", "--config", "dinov2_tiny", f"data.path={data.unlabeled}", f"init={generic}",
+    _run("pretrain", f"data.path={data.unlabeled}", f"init={generic}",
          f"out={pretrain_dir}", f"train.iterations={plan.iterations}", f"data.batch_size={plan.batch_size}",
          f"crops.global_size={plan.size}", f"crops.local_size={plan.size // 2}",
          f"train.checkpoint_every={max(plan.iterations // 2, 1)}", "resume=auto", *SMALL_SCALE,
-         f"head_warmup.frozen_iters={plan.iterations // 8}", f"head_warmup.ramp_iters={plan.iterations // 8}")
+         f"head_warmup.frozen_iters={plan.iterations // 8}", f"head_warmup.ramp_iters={plan.iterations // 8}",
+         recipe="dinov2_tiny")
     # the per-checkpoint exports carry their iteration in the name, so the report can plot metric vs iteration;
     # the last one holds the same weights as OUT/teacher_backbone.safetensors
     snapshots = sorted((pretrain_dir / "checkpoints").glob("teacher_backbone_*.safetensors"))
@@ -127,35 +140,32 @@ def run_demo(out: Path, plan: DemoPlan = FULL) -> Path:
 
     _step(3, "patient-level folds for the labelled slices")
     folds = out / "data" / "classify_folds.csv"
-    _run("data", "split", data.classify_manifest, f"out={folds}", "k=3", "seed=0")
+    _run("data split", f"out={folds}", "k=3", "seed=0", manifest=str(data.classify_manifest))
 
     _step(4, "classification (kNN, linear probe) and frozen-encoder segmentation: random vs generic vs continued")
     for i, (name, spec) in enumerate(backbones.items()):
         tag = f"m{i}"
         common = [f"data.manifest={folds}", f"backbone={spec}", f"model_name={name}", "dataset_name=MNI152 level"]
-        _run("eval", "knn", "--config", "knn_tiny", *common, f"data.img_size={plan.size}", f"out={runs / f'knn_{tag}'}")
-        _run("eval", "linear", "--config", "linear_tiny", *common, f"data.img_size={plan.size}",
-             f"linear.epochs={plan.linear_epochs}", f"out={runs / f'linear_{tag}'}")
-        _run("eval", "seg", "--config", "seg_tiny", f"data.manifest={data.seg_manifest}", f"backbone={spec}",
-             f"model_name={name}", "dataset_name=MNI152 tissue", "head=linear", f"data.image_size={plan.size}",
+        _run("eval knn", *common, f"data.img_size={plan.size}", f"out={runs / f'knn_{tag}'}", recipe="knn_tiny")
+        _run("eval linear", *common, f"data.img_size={plan.size}", f"linear.epochs={plan.linear_epochs}",
+             f"out={runs / f'linear_{tag}'}", recipe="linear_tiny")
+        _run("eval seg", f"data.manifest={data.seg_manifest}", f"backbone={spec}", f"model_name={name}",
+             "dataset_name=MNI152 tissue", "head=linear", f"data.image_size={plan.size}",
              f"data.classes={list(SEG_CLASSES)}", "data.folds=3", f"train.epochs={plan.seg_epochs}",
-             f"out={runs / f'seg_{tag}'}")
+             f"out={runs / f'seg_{tag}'}", recipe="seg_tiny")
 
     for snapshot in snapshots[:-1]:  # kNN along the pretraining run
         iteration = int(snapshot.stem.rsplit("_", 1)[-1])
-        _run("eval", "knn", "--config", "knn_tiny", f"data.manifest={folds}", f"backbone={snapshot}",
+        _run("eval knn", f"data.manifest={folds}", f"backbone={snapshot}",
              f"model_name={CONTINUED} (iteration {iteration})", "dataset_name=MNI152 level",
-             f"data.img_size={plan.size}", f"out={runs / f'knn_it{iteration}'}")
+             f"data.img_size={plan.size}", f"out={runs / f'knn_it{iteration}'}", recipe="knn_tiny")
 
     _step(5, "PCA feature maps of the three backbones")
-    labels = []
-    for name in backbones:
-        labels += ["--label", name]
-    _run("viz", "pca", *data.viz_images, *sum((["--backbone", str(s)] for s in backbones.values()), []), *labels,
-         f"out={runs / 'pca'}", f"img_size={plan.size}")
+    _run("viz pca", f"out={runs / 'pca'}", f"img_size={plan.size}", images=[str(i) for i in data.viz_images],
+         backbones=[str(s) for s in backbones.values()], labels=list(backbones))
 
     _step(6, "bootstrap ranks and the HTML report")
-    _run("report", runs, f"out={out / 'report'}", f"bootstrap.samples={plan.bootstrap}", "title=meddino demo",
-         f"compare=[{CONTINUED}, {GENERIC}]")
+    _run("report", f"out={out / 'report'}", f"bootstrap.samples={plan.bootstrap}", "title=meddino demo",
+         f"compare=[{CONTINUED}, {GENERIC}]", runs=str(runs))
     print(f"  demo took {time.time() - t0:.0f} s")
     return out / "report" / "report.html"

@@ -1,35 +1,53 @@
-"""``meddino convert SRC DST``: any readable checkpoint -> meddino export (safetensors + JSON)."""
+"""Verb of the models layer: ``meddino convert SRC DST``, any readable checkpoint -> meddino export
+(safetensors + JSON)."""
 
 from __future__ import annotations
 
-import argparse
+from typing import Literal
 
+from meddino.config import Schema
+from meddino.verbs import Arg, Verb
 
-def register(sub: argparse._SubParsersAction, groups: dict) -> None:
-    p = sub.add_parser(
+VERBS = (
+    Verb(
         "convert",
         help="convert a checkpoint (official, timm, Hugging Face, seed) to a meddino export",
         description="Read SRC in any supported format and write DST.safetensors + DST.json "
         "(timm key layout, loadable by meddino and plain timm).",
-    )
-    p.add_argument("src", help="checkpoint file or folder (a trailing #key picks a wrapper entry, e.g. #student)")
-    p.add_argument("dst", help="output path (.safetensors is added when missing)")
-    p.add_argument("--arch", help="architecture the checkpoint must match (alias or timm name)")
-    p.add_argument("--img-size", type=int, help="resample position embeddings once to this image size")
-    p.add_argument("--pos-embed-resample", choices=("dinov1", "dinov2", "dinov2_reg", "timm"),
-                   help="how position embeddings are resampled to other grids (default: the version's official mode)")
-    p.add_argument("--num-heads", type=int, help="attention heads, for widths other than the standard S/B/L/g")
-    p.add_argument("--key", help="wrapper entry to take (teacher, student, model, ...)")
-    p.set_defaults(handler=_convert)
+        schema="meddino.models.commands:ConvertConfig",
+        run="meddino.models.commands:run_convert",
+        source="convert",
+        args=(
+            Arg("src", "src", help="checkpoint file or folder (a trailing #key picks a wrapper entry, e.g. #student)"),
+            Arg("dst", "dst", help="output path (.safetensors is added when missing)"),
+            Arg("--arch", "arch", help="architecture the checkpoint must match (alias or timm name)"),
+            Arg("--img-size", "img_size", help="resample position embeddings once to this image size"),
+            Arg("--pos-embed-resample", "pos_embed_resample", choices=("dinov1", "dinov2", "dinov2_reg", "timm"),
+                help="how position embeddings are resampled to other grids (default: the version's official mode)"),
+            Arg("--num-heads", "num_heads", help="attention heads, for widths other than the standard S/B/L/g"),
+            Arg("--key", "key", help="wrapper entry to take (teacher, student, model, ...)"),
+        ),
+    ),
+)
 
 
-def _convert(args: argparse.Namespace) -> int:
-    from meddino.models import export_backbone, load_backbone
+class ConvertConfig(Schema):
+    src: str
+    dst: str
+    arch: str | None = None
+    img_size: int | None = None
+    pos_embed_resample: Literal["dinov1", "dinov2", "dinov2_reg", "timm"] | None = None
+    num_heads: int | None = None
+    key: str | None = None
 
-    extra = {"num_heads": args.num_heads} if args.num_heads else {}
-    backbone = load_backbone(args.src, arch=args.arch, img_size=args.img_size, key=args.key,
-                             pos_embed_resample=args.pos_embed_resample, resize_pos_embed=True, **extra)
-    out = export_backbone(backbone, args.dst)
+
+def run_convert(cfg: ConvertConfig) -> int:
+    from meddino.models import export_backbone, load_backbone  # torch: only once the verb runs
+
+    extra = {"num_heads": cfg.num_heads} if cfg.num_heads else {}
+    backbone = load_backbone(cfg.src, arch=cfg.arch, img_size=cfg.img_size, key=cfg.key,
+                             pos_embed_resample=cfg.pos_embed_resample, resize_pos_embed=True, **extra)
+    out = export_backbone(backbone, cfg.dst)
     print(backbone.load_report.summary())
     n_params = sum(p.numel() for p in backbone.parameters())
     print(f"wrote {out} and {out.with_suffix('.json')} ({backbone.arch['timm_name']}, "

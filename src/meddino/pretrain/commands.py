@@ -1,25 +1,23 @@
-"""``meddino pretrain --config RECIPE data.path=PATH [init=CKPT] out=DIR [resume=auto] ...``."""
+"""Verb of the pretraining layer: ``meddino pretrain --config RECIPE data.path=PATH [init=CKPT] out=DIR
+[resume=auto] ...``. A diverged loss is a :class:`~meddino.errors.UserError` like any other refusal."""
 
 from __future__ import annotations
 
-import argparse
+from meddino.verbs import Verb
 
-from meddino.cli import add_config_command
-
-
-def register(sub: argparse._SubParsersAction, groups: dict) -> None:
-    add_config_command(
-        sub,
+VERBS = (
+    Verb(
         "pretrain",
         help="continue (or start) DINOv1/v2/v3 self-supervised pretraining on your images",
         schema="meddino.pretrain.config:PretrainConfig",
         run="meddino.pretrain.commands:run",
-        recipe_group="pretrain",
+        recipes="pretrain",
         default_recipe="dinov2_vits14",
-    )
+    ),
+)
 
 
-def run(cfg) -> int:  # noqa: ANN001 - PretrainConfig, imported lazily
+def run(cfg) -> int:  # noqa: ANN001 - PretrainConfig, imported when the verb runs
     """Run the engine; a diverged loss is reported in one line with exit code 2 (not a traceback)."""
     import sys
 

@@ -6,36 +6,37 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 from pathlib import Path
 from typing import Any
 
-from meddino.cli import add_config_command
+from meddino.verbs import Arg, Verb
 
 _SCHEMA = "meddino.tasks.classify.config:ClassifyConfig"
+_HERE = "meddino.tasks.classify.commands"
 
 
-def register(sub: argparse._SubParsersAction, groups: dict) -> None:
-    here = "meddino.tasks.classify.commands"
-    add_config_command(sub, "embed", "embed a labelled manifest with a frozen backbone (cache for frozen heads)",
-                       _SCHEMA, f"{here}:embed", "classify")
-    ev = groups["eval"]
-    add_config_command(ev, "knn", "weighted kNN on frozen features (classification)", _SCHEMA,
-                       f"{here}:knn", "classify", "seed001_knn")
-    add_config_command(ev, "linear", "linear-probe grid on frozen features (classification)", _SCHEMA,
-                       f"{here}:linear", "classify", "seed001_linear")
-    add_config_command(ev, "fewshot", "few-shot linear probes, N patients per class (classification)", _SCHEMA,
-                       f"{here}:fewshot", "classify", "seed001_fewshot")
-    add_config_command(ev, "finetune", "fine-tune the backbone: full, LoRA or BitFit (classification)", _SCHEMA,
-                       f"{here}:finetune", "classify", "seed001_finetune")
-    data = groups["data"]
-    add_config_command(data, "split", "write a patient-level, label-stratified k-fold column into a manifest",
-                       "meddino.tasks.classify.config:SplitConfig", "meddino.tasks.classify.commands:run_split",
-                       "classify", positional=[("manifest", "manifest")])
-    add_config_command(data, "manifest", "write a labelled manifest from NIH ChestX-ray14, CheXpert or class folders",
-                       "meddino.tasks.classify.config:ManifestConfig", "meddino.tasks.classify.commands:run_manifest",
-                       "classify", positional=[("kind", "kind"), ("src", "src")])
+def _eval(name: str, help: str, default_recipe: str) -> Verb:
+    return Verb(name, group="eval", help=help, schema=_SCHEMA, run=f"{_HERE}:{name}", recipes="classify",
+                default_recipe=default_recipe)
+
+
+VERBS = (
+    Verb("embed", help="embed a labelled manifest with a frozen backbone (cache for frozen heads)", schema=_SCHEMA,
+         run=f"{_HERE}:embed", recipes="classify"),
+    _eval("knn", "weighted kNN on frozen features (classification)", "seed001_knn"),
+    _eval("linear", "linear-probe grid on frozen features (classification)", "seed001_linear"),
+    _eval("fewshot", "few-shot linear probes, N patients per class (classification)", "seed001_fewshot"),
+    _eval("finetune", "fine-tune the backbone: full, LoRA or BitFit (classification)", "seed001_finetune"),
+    Verb("split", group="data", help="write a patient-level, label-stratified k-fold column into a manifest",
+         schema="meddino.tasks.classify.config:SplitConfig", run=f"{_HERE}:run_split", recipes="classify",
+         args=(Arg("manifest", "manifest", help="manifest CSV with image, patient and label columns"),)),
+    Verb("manifest", group="data",
+         help="write a labelled manifest from NIH ChestX-ray14, CheXpert or class folders",
+         schema="meddino.tasks.classify.config:ManifestConfig", run=f"{_HERE}:run_manifest", recipes="classify",
+         args=(Arg("kind", "kind", help="nih, chexpert or folder"),
+               Arg("src", "src", help="the data set's label CSV (nih, chexpert) or a folder of class folders"))),
+)
 
 
 def _validated(cfg: Any, need_units: bool, need_val: bool = False) -> Any:

@@ -1,0 +1,91 @@
+"""Verbs as data: every layer declares its command-line verbs as :class:`Verb` records.
+
+A layer's ``commands.py`` holds a ``VERBS`` tuple and the thin runners it names; :mod:`meddino.cli` alone
+turns the declarations into argparse, so no layer imports the CLI. A verb's schema and runner are
+``"module:attr"`` paths, imported only when the verb runs, which keeps ``meddino --help`` fast.
+:func:`run_verb` is the one way a verb runs: from the command line, or from another verb (the demo).
+Every verb reads the same way: positional inputs, ``--config RECIPE`` where it has recipes, options that
+fill config keys, and ``key.sub=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Arg:
+    """A positional argument (``name`` without dashes) or an option (``--name``) that fills config ``key``."""
+
+    name: str
+    key: str
+    help: str = ""
+    nargs: str | None = None  # "+", "?" ... as argparse
+    repeat: bool = False  # an option given several times collects a list
+    switch: bool = False  # an option without value: true when given
+    required: bool = False
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def positional(self) -> bool:
+        return not self.name.startswith("-")
+
+    @property
+    def dest(self) -> str:
+        return "arg_" + self.name.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One CLI verb: ``meddino [GROUP] NAME [ARGS ...] [--config RECIPE] [key.sub=value ...]``."""
+
+    name: str
+    help: str
+    schema: str  # "module:Schema", validated before the runner starts
+    run: str  # "module:function", called with the validated config; returns the exit code
+    group: str | None = None  # "eval", "predict", "data", "viz" or None for a top-level verb
+    description: str | None = None
+    recipes: str | None = None  # recipe group: the verb takes --config RECIPE (None: schema defaults only)
+    default_recipe: str | None = None
+    args: tuple[Arg, ...] = ()
+    overrides_help: str = "config overrides"
+    # overrides starting with a prefix go, prefix removed, into a list key: ("recipe.", "recipe_overrides")
+    prefixed: tuple[tuple[str, str], ...] = ()
+    source: str | None = None  # how config errors name the config (default: the recipe file, or "config")
+    uses_torch: bool = True  # False: a listing that loads no torch, so no CPU-thread set-up first
+
+    @property
+    def path(self) -> str:
+        return f"{self.group} {self.name}" if self.group else self.name
+
+
+def load_attr(path: str) -> Any:
+    """``"package.module:attr"`` -> the attribute (imported on demand)."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def load_verb_config(verb: Verb, recipe: str | None = None, overrides: Iterable[str] = (),
+                     values: dict[str, Any] | None = None) -> Any:
+    """The validated config of ``verb``: recipe, then ``key=value`` overrides, then ``values`` (typed values
+    from positional arguments and options, set as given: a path stays a string)."""
+    from meddino.config import load_config  # pydantic and yaml: only once a verb runs, not for --help
+
+    overrides = list(overrides)
+    values = dict(values or {})
+    for prefix, key in verb.prefixed:
+        values[key] = [o.removeprefix(prefix) for o in overrides if o.startswith(prefix)]
+        overrides = [o for o in overrides if not o.startswith(prefix)]
+    return load_config(load_attr(verb.schema), recipe or verb.default_recipe, overrides, verb.recipes,
+                       values=values, source=verb.source)
+
+
+def run_verb(verb: Verb, recipe: str | None = None, overrides: Iterable[str] = (),
+             values: dict[str, Any] | None = None) -> int:
+    """Validate the config, then call the verb's runner; returns its exit code."""
+    cfg = load_verb_config(verb, recipe, overrides, values)
+    return int(load_attr(verb.run)(cfg) or 0)
