@@ -15,12 +15,12 @@ _EXPORTS = {
     "resolve_arch": "meddino.models.archs",
     "Backbone": "meddino.models.backbone",
     "CNNBackbone": "meddino.models.backbone",
-    "LoadReport": "meddino.models.checkpoints",
-    "export_backbone": "meddino.models.checkpoints",
-    "load_backbone": "meddino.models.checkpoints",
+    "LoadReport": "meddino.models.checkpoints.load",
+    "export_backbone": "meddino.models.checkpoints.export",
+    "load_backbone": "meddino.models.checkpoints.load",
     "resample_pos_embed": "meddino.models.pos_embed",
     "build_backbone": "meddino.models.factory",
-    "resolve_backbone": "meddino.models.factory",
+    "resolve_backbone": "meddino.models.resolve",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,11 +1,7 @@
-"""Building backbones from names and spec strings.
+"""Building backbones from architecture names and timm names.
 
-A backbone spec is one string, accepted by every command that takes a backbone:
-
-- a checkpoint path (file or folder, any format :func:`meddino.models.load_backbone` reads);
-- ``random:<arch>``: random initialisation (the seeds' "no pretraining" baseline);
-- ``timm:<name>`` or ``timm:<name>@<weights file>``: any timm model, CNNs included, randomly initialised
-  or with weights from a local file (nothing is downloaded).
+Spec strings (``random:<arch>``, ``timm:<name>``, checkpoint paths) are :mod:`meddino.models.resolve`,
+above both this module and the checkpoint loader that builds through it.
 
 ``pos_embed_resample`` (where backbones are built: :func:`build_backbone`, :func:`resolve_backbone`,
 ``load_backbone``) picks how v1/v2 position embeddings are resampled to a crop's grid: ``dinov1``,
@@ -22,10 +18,13 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from meddino.errors import CheckpointError, ConfigError
+from meddino.errors import ConfigError
 from meddino.models.archs import resolve_arch, version_of_timm_name
 from meddino.models.backbone import Backbone, CNNBackbone
+from meddino.models.checkpoints.read import read_checkpoint, unwrap_state_dict
+from meddino.models.checkpoints.strict import load_into_strict
 from meddino.models.droppath import apply_dino_drop_path
+from meddino.models.pos_embed import check_mode, default_mode
 
 _VIT_DEFAULTS = dict(num_classes=0, global_pool="token", dynamic_img_size=True)
 
@@ -64,8 +63,6 @@ def build_from_timm(timm_name: str, version: str, kwargs: dict[str, Any], drop_p
     ``kwargs["pos_embed_resample"]`` (None or absent: the version's official mode) is resolved here and
     recorded in the arch kwargs; giving one for a RoPE model (DINOv3) is refused.
     """
-    from meddino.models.pos_embed import check_mode, default_mode
-
     kwargs = {k: v for k, v in kwargs.items() if k not in _VIT_DEFAULTS}
     timm_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_TIMM}
     try:
@@ -121,47 +118,14 @@ def build_timm_backbone(
         model: torch.nn.Module = build_from_timm(base, version, kwargs)
         target = model.vit
         if weights and pos_embed_resample is None and model.pos_embed_resample is not None:
-            from meddino.models.pos_embed import default_mode
-
             grid = tuple(target.patch_embed.grid_size)  # released weights: a hub *_reg model keeps its mode
             model.pos_embed_resample = default_mode(version, model.num_registers, grid, released=True)
     else:
         target = timm.create_model(base, pretrained=False, num_classes=0)
         model = CNNBackbone(target, {"timm_name": base, "version": "cnn", "kwargs": {}})
     if weights:
-        from meddino.models.checkpoints import load_into_strict, read_checkpoint, unwrap_state_dict
-
         state = unwrap_state_dict(read_checkpoint(Path(weights)), Path(weights))
         state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.", "classifier.", "head_"))}
         load_into_strict(target, state, Path(weights))
     return model
 
-
-def resolve_backbone(
-    spec: str,
-    img_size: int | None = None,
-    drop_path_rate: float = 0.0,
-    pos_embed_resample: str | None = None,
-    resize_pos_embed: bool = False,
-) -> torch.nn.Module:
-    """A backbone spec string (see module docstring) -> module.
-
-    ``img_size`` is the stored grid of a fresh backbone; a checkpoint keeps its stored grid and resamples
-    from it on every forward (resample once; ``resize_pos_embed=True`` resamples it to ``img_size`` at load
-    instead, see ``load_backbone``). ``pos_embed_resample`` overrides the version's mode.
-    """
-    if not isinstance(spec, str) or not spec:
-        raise ConfigError("backbone: give a checkpoint path, random:<arch> or timm:<name>")
-    if spec.startswith("random:"):
-        return build_backbone(spec.removeprefix("random:"), img_size=img_size, drop_path_rate=drop_path_rate,
-                              pos_embed_resample=pos_embed_resample)
-    if spec.startswith("timm:"):
-        name, _, weights = spec.removeprefix("timm:").partition("@")
-        return build_timm_backbone(name, weights or None, img_size, pos_embed_resample)
-    from meddino.models.checkpoints import load_backbone
-
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"backbone checkpoint not found: {path} (or use random:<arch> / timm:<name>)")
-    return load_backbone(path, img_size=img_size, drop_path_rate=drop_path_rate, verbose=True,
-                         pos_embed_resample=pos_embed_resample, resize_pos_embed=resize_pos_embed)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from meddino.errors import CheckpointError
+from meddino.models.checkpoints.read import read_checkpoint
 
 MODEL_PREFIXES = ("dinov2_with_registers.", "dinov2.", "dinov3_vit.", "vit.")
 
@@ -57,8 +58,6 @@ def load_hf_folder(path: Path) -> tuple[dict[str, torch.Tensor], str, dict[str, 
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    from meddino.models.checkpoints import read_checkpoint
-
     files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not files:
         raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin in the folder")
