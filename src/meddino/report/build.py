@@ -26,60 +26,28 @@ import csv
 import itertools
 import math
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field
 
-from meddino.config import Schema
 from meddino.errors import DataError, UserError
 from meddino.report import stats
 from meddino.report.collect import (
     ClassificationRows,
-    Collection,
     EvalRun,
     UnitValues,
     collect,
     higher_is_better,
     load_predictions,
 )
-
-UNIT_KIND = {"segmentation": "patient", "phase": "video", "classification": "patient"}
-
-
-class BootstrapConfig(Schema):
-    samples: int = Field(1000, ge=0, description="bootstrap resamples (0 = no bootstrap)")
-    seed: int = 0
-    alpha: float = Field(0.05, gt=0, lt=1, description="1 - coverage of the intervals")
-
-
-class ReportConfig(Schema):
-    runs: str = ""
-    out: str | None = None  # default RUNS/report
-    title: str = "meddino report"
-    bootstrap: BootstrapConfig = BootstrapConfig()
-    # two model names (A, B): the summary opens with one sentence on A against B (e.g. continued vs its start)
-    compare: tuple[str, str] | None = None
-    p_better: float = Field(0.95, gt=0.5, lt=1)  # P(A better) that counts as a clear gain in that sentence
+from meddino.report.figures import curve_panels, curves_figure, encoder_boxplot, iteration_figure, rank_figure
+from meddino.report.html import render
+from meddino.report.model import UNIT_KIND, BootstrapConfig, GroupBootstrap, Report, ReportConfig
+from meddino.runlog import atomic_write
 
 
 # ------------------------------------------------------------------------------------------ pure helpers
-@dataclass
-class GroupBootstrap:
-    """All models of one (task, dataset) scored on the same resamples."""
-
-    task: str
-    dataset: str
-    units: list[str]
-    models: list[str]
-    metrics: list[str]
-    point: dict[str, dict[str, float]]  # model -> metric -> value on all units
-    samples: dict[str, dict[str, np.ndarray]]  # model -> metric -> [n_samples]
-    notes: list[str] = field(default_factory=list)
-
-
 def bootstrap_group(task: str, dataset: str, data: dict[str, UnitValues | ClassificationRows],
                     n_samples: int, seed: int) -> GroupBootstrap:
     """Score every model of ``data`` on the shared unit resamples (see the module docstring)."""
@@ -106,21 +74,6 @@ def bootstrap_group(task: str, dataset: str, data: dict[str, UnitValues | Classi
 
 
 # ------------------------------------------------------------------------------------------- the report
-@dataclass
-class Report:
-    cfg: ReportConfig
-    col: Collection
-    labels: dict[int, str] = field(default_factory=dict)  # id(run) -> entry label
-    entries: dict[tuple[str, str, str], EvalRun] = field(default_factory=dict)  # (task, dataset, label)
-    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # csv name -> rows
-    groups: list[GroupBootstrap] = field(default_factory=list)
-    ranks: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # task -> bootstrap_ranks
-    rank_keys: dict[str, list[str]] = field(default_factory=dict)
-    figures: dict[str, bytes] = field(default_factory=dict)  # name -> PNG
-    notes: list[str] = field(default_factory=list)
-    headline: str | None = None  # the compare= sentence
-
-
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.10g}"
@@ -251,8 +204,6 @@ def _bootstrap(rep: Report) -> None:
 
 
 def _ranks(rep: Report) -> None:
-    from meddino.report.figures import rank_figure
-
     for task in sorted({g.task for g in rep.groups}):
         groups = [g for g in rep.groups if g.task == task]
         common = set.intersection(*(set(g.models) for g in groups))
@@ -281,8 +232,6 @@ def _ranks(rep: Report) -> None:
 
 def _iterations(rep: Report) -> None:
     """Same protocol run on several checkpoints of one pretraining run -> metric against iteration."""
-    from meddino.report.figures import iteration_figure
-
     series_by_task: dict[str, list[dict[str, Any]]] = {}
     groups: dict[tuple, list[EvalRun]] = {}
     for r in rep.col.evals:
@@ -310,8 +259,6 @@ PRIMARY = {"segmentation": "dice", "classification": "auroc", "phase": "macro_f1
 
 def _encoders(rep: Report) -> None:
     """Frozen vs trainable encoder box plots per (task, dataset) where both kinds were run."""
-    from meddino.report.figures import encoder_boxplot
-
     by: dict[tuple[str, str], list[EvalRun]] = {}
     for (task, dataset, _label), r in rep.entries.items():
         if r.encoder is not None:
@@ -354,8 +301,6 @@ def _unit_of(r: EvalRun) -> str:
 
 
 def _curves(rep: Report) -> None:
-    from meddino.report.figures import curve_panels, curves_figure
-
     for i, run in enumerate(sorted(rep.col.pretrain, key=lambda r: str(r.path))):
         if not curve_panels(run.rows):
             rep.col.warn(run.path, "metrics.jsonl has nothing to plot")
@@ -378,8 +323,6 @@ def _safe(name: str) -> str:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    from meddino.runlog import atomic_write
-
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
@@ -417,9 +360,6 @@ def make_report(cfg: ReportConfig) -> Report:
 def run_report(cfg: ReportConfig) -> Path:
     """Build the report and write ``report.html``, ``tables/*.csv`` and ``figures/*.png``; returns the
     HTML path."""
-    from meddino.report.html import render
-    from meddino.runlog import atomic_write
-
     rep = make_report(cfg)
     root = Path(cfg.runs).expanduser()
     out = Path(cfg.out).expanduser() if cfg.out else root / "report"
