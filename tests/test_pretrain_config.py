@@ -11,7 +11,7 @@ import pytest
 from meddino.config import list_recipes, load_config
 from meddino.errors import ConfigError
 from meddino.pretrain.config import PretrainConfig, arch_patch_size
-from meddino.pretrain.engine import Schedules
+from meddino.pretrain.optim import Schedules
 
 
 def cfg_of(recipe: str | None, *overrides: str) -> PretrainConfig:

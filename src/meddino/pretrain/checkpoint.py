@@ -5,20 +5,29 @@ file + rename (a killed run never leaves a half-written file under the final nam
 numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it: no pickle of arbitrary
 objects. Beside it the teacher backbone is exported (``teacher_backbone_<iteration>.safetensors`` + JSON)
 so any checkpoint's features can be evaluated without the training state.
+
+The training state itself (:func:`training_state`, written by the engine's ``save``) and the resume that
+reads it back into student, teachers, centres and optimiser (:func:`restore_training_state`, with
+:func:`resume_path` choosing the file and :func:`truncate_metrics` dropping the rows logged after it) live
+here too, so :mod:`meddino.pretrain.engine` only orchestrates them.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from meddino.errors import CheckpointError
-from meddino.runlog import atomic_path
+from meddino.errors import CheckpointError, ConfigError
+from meddino.pretrain.distributed import all_gather_object, full_state_dict, load_full_state_dict
+from meddino.runlog import atomic_path, atomic_write, read_metrics
 
 _NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
 
@@ -105,3 +114,139 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------- training state
+def resume_path(resume: str | None, ckpt_dir: Path, out: Path) -> Path | None:
+    """The checkpoint a run resumes from: none for ``resume`` None (refused when ``ckpt_dir`` already holds
+    checkpoints), the newest for ``auto`` (none yet: start fresh), else the given path."""
+    if resume is None:
+        if latest_checkpoint(ckpt_dir) is not None:
+            raise ConfigError(
+                f"out: {out} already holds checkpoints; continue with resume=auto or choose another out"
+            )
+        return None
+    if resume == "auto":
+        return latest_checkpoint(ckpt_dir)  # none yet: start fresh
+    return Path(resume).expanduser()
+
+
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """On resume, drop the rows a killed run logged after its last checkpoint (they are logged again)."""
+    if not path.exists():
+        return
+    rows = [r for r in read_metrics(path) if int(r.get("step", 0)) <= iteration]
+    with atomic_write(path, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+
+
+def training_state(
+    iteration: int,
+    student: nn.Module,
+    objective: Any,
+    optimizer: torch.optim.Optimizer,
+    *,
+    sharded: bool,
+    world_size: int,
+    version: str,
+    skipped: dict[str, str],
+) -> dict[str, Any]:
+    """Everything a bit-identical resume needs, as weights_only-safe values. A collective (RNG gather,
+    FSDP gathers): every rank calls it."""
+    rng = all_gather_object(rng_state())
+    gram = objective.gram_teacher
+    if sharded:
+        # FSDP2 only, like the DCP imports of meddino.pretrain.distributed (absent in torch builds
+        # without distributed support)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optim_state = get_optimizer_state_dict(
+            student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    else:
+        optim_state = optimizer.state_dict()
+    return {
+        "format": "meddino.pretrain",
+        "iteration": iteration,
+        "world_size": world_size,
+        "version": version,
+        "fsdp": sharded,
+        "student": full_state_dict(student, sharded),
+        "teacher": full_state_dict(objective.teacher, sharded),
+        "gram_teacher": full_state_dict(gram, sharded) if gram is not None else None,
+        "center": objective.center.detach().cpu(),
+        "ibot_center": objective.ibot_center.detach().cpu(),
+        "gram_refreshes": objective.gram_refreshes,
+        "optimizer": optim_state,
+        "rng": rng,
+        "skipped": [[k, v] for k, v in sorted(skipped.items())],
+    }
+
+
+@dataclass
+class Resumed:
+    """What a resume hands back to the engine besides the restored modules and optimiser."""
+
+    iteration: int
+    skipped: dict[str, str]
+    rng: dict[str, Any] | None  # this rank's RNG state; None when the number of processes changed
+
+
+def restore_training_state(
+    path: Path,
+    student: nn.Module,
+    objective: Any,
+    optimizer: torch.optim.Optimizer,
+    *,
+    sharded: bool,
+    version: str,
+    rank: int,
+    world_size: int,
+) -> Resumed:
+    """Load checkpoint ``path`` into student, teachers, centres and optimiser (refused in one line when
+    it was written by another method version, FSDP setting or config)."""
+    state = load_checkpoint(path)
+    if state.get("version") != version:
+        raise CheckpointError(f"resume: {path} was written by a {state.get('version')} run, not {version}")
+    if bool(state.get("fsdp", False)) != sharded:
+        raise CheckpointError(f"resume: {path} was written with train.fsdp={state.get('fsdp', False)}; "
+                              "resume with the same setting")
+    try:
+        load_full_state_dict(student, state["student"], sharded, f"resume {path} (student)")
+        load_full_state_dict(objective.teacher, state["teacher"], sharded, f"resume {path} (teacher)")
+        if objective.gram_teacher is not None and state.get("gram_teacher") is not None:
+            load_full_state_dict(objective.gram_teacher, state["gram_teacher"], sharded,
+                                 f"resume {path} (Gram teacher)")
+        if sharded:
+            _load_sharded_optimizer(student, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"resume: {path} does not match this config ({str(exc).splitlines()[0][:160]})") from None
+    objective.center.copy_(state["center"])
+    objective.ibot_center.copy_(state["ibot_center"])
+    objective.gram_refreshes = int(state.get("gram_refreshes", 0))
+    skipped = {str(k): str(v) for k, v in state.get("skipped", [])}
+    rng = state.get("rng") or []
+    mine = None
+    if int(state.get("world_size", 1)) == world_size and len(rng) == world_size:
+        mine = rng[rank]
+    return Resumed(int(state["iteration"]), skipped, mine)
+
+
+def _load_sharded_optimizer(student: nn.Module, optimizer: torch.optim.Optimizer, saved_state: dict[str, Any]) -> None:
+    # FSDP2 only, like the DCP imports of meddino.pretrain.distributed (absent in torch builds without
+    # distributed support)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    # strict=False: parameters that never had a gradient (DINOv1's frozen prototypes during
+    # freeze_last_layer) have no AdamW state yet, exactly as in the uninterrupted run
+    set_optimizer_state_dict(student, optimizer, saved_state,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    # the loader first creates state for every parameter with a zero-lr step; drop it again
+    # where the checkpoint had none, or AdamW's step count (bias correction) would differ
+    saved = set(saved_state["state"].keys())
+    for name, p in student.named_parameters():
+        if name not in saved:
+            optimizer.state.pop(p, None)

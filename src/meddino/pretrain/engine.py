@@ -20,6 +20,9 @@ scheduled value (or to the constant ``head_warmup.backbone_lr``). ``head_warmup.
 DINOv3 FINO branch): the backbone keeps receiving gradients and AdamW moments while its lr and weight
 decay are 0, the weight decay ramps with the lr, and the constant lr is batch-scaled like ``optim.lr``;
 ``mode=requires_grad``: no gradient, no moment, weight decay as scheduled, the constant lr as given.
+
+The schedules, optimiser groups and clipping are :mod:`meddino.pretrain.optim`; the checkpoint state and
+the resume are :mod:`meddino.pretrain.checkpoint`; this module orchestrates them.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ import torch
 from torch import nn
 
 from meddino import ssl
-from meddino.errors import CheckpointError, ConfigError, DataError, UserError
+from meddino.errors import ConfigError, DataError, UserError
+from meddino.models import export_backbone, resolve_backbone
 from meddino.pretrain import checkpoint as ckpt
 from meddino.pretrain.config import PretrainConfig, arch_patch_size
 from meddino.pretrain.data import (
@@ -53,7 +57,6 @@ from meddino.pretrain.distributed import (
     barrier,
     cleanup,
     full_state_dict,
-    load_full_state_dict,
     shard_fsdp,
     init_distributed,
     mean_over_ranks,
@@ -61,6 +64,9 @@ from meddino.pretrain.distributed import (
 )
 from meddino.pretrain.health import CollapseDetector, HealthWindow
 from meddino.pretrain.method import SSLObjective, Student, build_student, iteration_masks
+from meddino.pretrain.monitor import KNNMonitor
+from meddino.pretrain.optim import Schedules, apply_schedules, build_optimizer, clip_and_freeze
+from meddino.runlog import Progress, RunDir
 
 
 class TrainingCollapsed(UserError):
@@ -70,94 +76,6 @@ class TrainingCollapsed(UserError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the CLI reports it in one line with exit code 2."""
-
-
-class Schedules:
-    """All per-iteration schedules of a run (pure functions of the iteration)."""
-
-    def __init__(self, cfg: PretrainConfig, global_batch: int, epoch_length: int):
-        o, t = cfg.optim, cfg.train
-        total = t.iterations
-        self.epoch_length = epoch_length
-        self.base_lr = ssl.scaled_lr(o.lr, global_batch, o.lr_scaling or "none")
-        warmup = min(int(round(o.warmup_epochs * epoch_length)), total)
-        self.lr = ssl.cosine_schedule(self.base_lr, o.min_lr, total, warmup)
-        self.wd = ssl.cosine_schedule(o.weight_decay, o.weight_decay_end, total)
-        self.momentum = ssl.cosine_schedule(o.momentum, o.momentum_end, total)
-        total_epochs = math.ceil(total / epoch_length)
-        temp_warmup = o.teacher_temp_warmup_epochs
-        if o.teacher_temp_per_epoch:
-            self.teacher_temp = ssl.linear_warmup_then_constant(
-                o.teacher_temp_start, o.teacher_temp, int(round(temp_warmup)), total_epochs, epoch_length, per_epoch=True
-            )
-        else:  # per iteration: warm-up over round(epochs * epoch_length) iterations
-            w_iters = int(round(temp_warmup * epoch_length))
-            self.teacher_temp = _linear_then_constant(o.teacher_temp_start, o.teacher_temp, w_iters)
-        self.freeze_last_layer_iters = int(round(o.freeze_last_layer_epochs * epoch_length))
-        hw = cfg.head_warmup
-        self.frozen_iters, self.ramp_iters, self.head_warmup_mode = hw.frozen_iters, hw.ramp_iters, hw.mode
-        self.backbone_lr = hw.backbone_lr
-        if hw.backbone_lr is not None and hw.mode == "fino":  # FINO scales its constant lr like optim.lr
-            self.backbone_lr = ssl.scaled_lr(hw.backbone_lr, global_batch, o.lr_scaling or "none")
-
-    def backbone_factor(self, it: int) -> float:
-        """Head warm-up factor of the backbone at ``it``: 0 while frozen, then a linear ramp to 1."""
-        if it < self.frozen_iters:
-            return 0.0
-        if self.ramp_iters > 0:
-            return min(1.0, (it - self.frozen_iters + 1) / self.ramp_iters)
-        return 1.0
-
-    def backbone_lr_at(self, it: int) -> float:
-        """Backbone lr at ``it``: the warm-up factor times the schedule (or the constant
-        ``head_warmup.backbone_lr``)."""
-        target = self.lr(it) if self.backbone_lr is None else self.backbone_lr
-        return target * self.backbone_factor(it)
-
-    def backbone_wd_factor(self, it: int) -> float:
-        """FINO ramps the backbone's weight decay with its lr; the requires_grad variant leaves it alone."""
-        return self.backbone_factor(it) if self.head_warmup_mode == "fino" else 1.0
-
-
-def _linear_then_constant(start: float, end: float, n: int) -> ssl.schedules.Schedule:
-    import numpy as np
-
-    return ssl.schedules.Schedule(np.linspace(start, end, n).astype(np.float64), float(end))
-
-
-@torch.no_grad()
-def clip_per_parameter_sharded(module: nn.Module, max_norm: float) -> None:
-    """DINOv1's per-parameter clipping (``g *= min(1, max_norm / (||g|| + 1e-6))``) for FSDP2-sharded
-    gradients: each parameter's norm is the all-reduced sum of its shards' squared norms."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
-    if max_norm <= 0:
-        return
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    sq = torch.stack([t.float().pow(2).sum() for t in local])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sq)
-    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-    for t, c in zip(local, coef):
-        t.mul_(c.to(t.dtype))
-
-
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """On resume, drop the rows a killed run logged after its last checkpoint (they are logged again)."""
-    import json
-
-    from meddino.runlog import atomic_write, read_metrics
-
-    if not path.exists():
-        return
-    rows = [r for r in read_metrics(path) if int(r.get("step", 0)) <= iteration]
-    with atomic_write(path, "w") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
 
 
 def run_pretrain(cfg: PretrainConfig) -> int:
@@ -183,21 +101,7 @@ class Trainer:
         self.global_batch = cfg.data.batch_size * env.world_size
 
     # ------------------------------------------------------------------------------------------ setup
-    def _resume_path(self) -> Path | None:
-        r = self.cfg.resume
-        if r is None:
-            if ckpt.latest_checkpoint(self.ckpt_dir) is not None:
-                raise ConfigError(
-                    f"out: {self.out} already holds checkpoints; continue with resume=auto or choose another out"
-                )
-            return None
-        if r == "auto":
-            return ckpt.latest_checkpoint(self.ckpt_dir)  # none yet: start fresh
-        return Path(r).expanduser()
-
     def _build_backbone(self) -> nn.Module:
-        from meddino.models import resolve_backbone
-
         cfg = self.cfg
         img_size = cfg.model.img_size or cfg.crops.global_size
         if cfg.init:
@@ -225,7 +129,7 @@ class Trainer:
         """Everything but the data: student/teacher, optimiser, schedules (the epoch length of v1 is the
         number of full global batches in ``n_samples``), resume state, DDP wrapping, monitor."""
         cfg, env = self.cfg, self.env
-        resume_path = self._resume_path()
+        resume_path = ckpt.resume_path(self.cfg.resume, self.ckpt_dir, self.out)
         torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
         backbone = self._build_backbone()
         self.student: Student = build_student(cfg, backbone).to(self.device)
@@ -241,20 +145,7 @@ class Trainer:
         epoch_length = cfg.train.epoch_length or max(self.data_steps_per_epoch, 1)
         self.sched = Schedules(cfg, self.global_batch, epoch_length)
 
-        # optimiser: separate groups for backbone and heads so the head warm-up can address the backbone
-        o = cfg.optim
-        groups = []
-        for g in ssl.param_groups(self.student.backbone, 0.0, 0.0, o.layer_decay or 1.0, o.patch_embed_lr_mult or 1.0):
-            g["is_backbone"] = True
-            groups.append(g)
-        heads = nn.ModuleDict(self.student.heads())
-        for g in ssl.param_groups(heads, 0.0, 0.0, 1.0, 1.0):
-            g["is_backbone"] = False
-            groups.append(g)
-        for g in groups:
-            g.pop("names", None)
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas), fused=fused or None)
+        self.optimizer = build_optimizer(cfg, self.student.backbone, nn.ModuleDict(self.student.heads()), self.device)
 
         self.start_iter = 0
         source = getattr(self, "source", None)
@@ -274,7 +165,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + 1000 * (env.rank + 1) + self.start_iter)
         if resume_path is not None and self._resume_rng is not None:
             ckpt.set_rng_state(self._resume_rng)
+        self._setup_watching()
 
+    def _setup_watching(self) -> None:
+        """The training-health window and collapse detector, and (rank 0) the k-NN monitor."""
+        cfg = self.cfg
         self.health_window: HealthWindow | None = None
         self.collapse_detector: CollapseDetector | None = None
         if cfg.health.enabled:
@@ -284,9 +179,7 @@ class Trainer:
                                                       h.min_effective_rank or None, h.patience)
 
         self.monitor = None
-        if cfg.monitor.every and cfg.monitor.manifest and env.is_main:
-            from meddino.pretrain.monitor import KNNMonitor
-
+        if cfg.monitor.every and cfg.monitor.manifest and self.env.is_main:
             m = cfg.monitor
             self.monitor = KNNMonitor(m.manifest, cfg.crops.global_size, self.mean, self.std, m.k,
                                       m.temperature, m.val_fraction, m.batch_size, cfg.train.seed)
@@ -305,74 +198,15 @@ class Trainer:
                 self.model = torch.compile(self.model)
 
     # ------------------------------------------------------------------------------------------ state
-    def _state(self, iteration: int) -> dict[str, Any]:
-        rng = all_gather_object(ckpt.rng_state())
-        gram = self.objective.gram_teacher
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            optim_state = get_optimizer_state_dict(
-                self.student, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
-        else:
-            optim_state = self.optimizer.state_dict()
-        return {
-            "format": "meddino.pretrain",
-            "iteration": iteration,
-            "world_size": self.env.world_size,
-            "version": self.cfg.method.version,
-            "fsdp": self.sharded,
-            "student": full_state_dict(self.student, self.sharded),
-            "teacher": full_state_dict(self.objective.teacher, self.sharded),
-            "gram_teacher": full_state_dict(gram, self.sharded) if gram is not None else None,
-            "center": self.objective.center.detach().cpu(),
-            "ibot_center": self.objective.ibot_center.detach().cpu(),
-            "gram_refreshes": self.objective.gram_refreshes,
-            "optimizer": optim_state,
-            "rng": rng,
-            "skipped": [[k, v] for k, v in sorted(self.skipped.items())],
-        }
-
     def _load(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path)
-        if state.get("version") != self.cfg.method.version:
-            raise CheckpointError(f"resume: {path} was written by a {state.get('version')} run, not {self.cfg.method.version}")
-        if bool(state.get("fsdp", False)) != self.sharded:
-            raise CheckpointError(f"resume: {path} was written with train.fsdp={state.get('fsdp', False)}; "
-                                  "resume with the same setting")
-        try:
-            load_full_state_dict(self.student, state["student"], self.sharded, f"resume {path} (student)")
-            load_full_state_dict(self.objective.teacher, state["teacher"], self.sharded, f"resume {path} (teacher)")
-            if self.objective.gram_teacher is not None and state.get("gram_teacher") is not None:
-                load_full_state_dict(self.objective.gram_teacher, state["gram_teacher"], self.sharded,
-                                     f"resume {path} (Gram teacher)")
-            if self.sharded:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-                # strict=False: parameters that never had a gradient (DINOv1's frozen prototypes during
-                # freeze_last_layer) have no AdamW state yet, exactly as in the uninterrupted run
-                set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"],
-                                         options=StateDictOptions(full_state_dict=True, strict=False))
-                # the loader first creates state for every parameter with a zero-lr step; drop it again
-                # where the checkpoint had none, or AdamW's step count (bias correction) would differ
-                saved = set(state["optimizer"]["state"].keys())
-                for name, p in self.student.named_parameters():
-                    if name not in saved:
-                        self.optimizer.state.pop(p, None)
-            else:
-                self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"resume: {path} does not match this config ({str(exc).splitlines()[0][:160]})") from None
-        self.objective.center.copy_(state["center"])
-        self.objective.ibot_center.copy_(state["ibot_center"])
-        self.objective.gram_refreshes = int(state.get("gram_refreshes", 0))
-        self.start_iter = int(state["iteration"])
-        self.skipped.update({str(k): str(v) for k, v in state.get("skipped", [])})
-        rng = state.get("rng") or []
-        self._resume_rng = None
-        if int(state.get("world_size", 1)) == self.env.world_size and len(rng) == self.env.world_size:
-            self._resume_rng = rng[self.env.rank]
-        else:
+        """Resume from checkpoint ``path`` (see :func:`meddino.pretrain.checkpoint.restore_training_state`)."""
+        resumed = ckpt.restore_training_state(path, self.student, self.objective, self.optimizer,
+                                              sharded=self.sharded, version=self.cfg.method.version,
+                                              rank=self.env.rank, world_size=self.env.world_size)
+        self.start_iter = resumed.iteration
+        self.skipped.update(resumed.skipped)
+        self._resume_rng = resumed.rng
+        if resumed.rng is None:
             warnings.warn("resume: different number of processes than the checkpoint; RNG streams restart", stacklevel=2)
         if self.env.is_main:
             print(f"resuming from {path} at iteration {self.start_iter}", file=sys.stderr)
@@ -383,11 +217,12 @@ class Trainer:
 
     def save(self, iteration: int) -> None:
         self._merge_skipped()
-        state = self._state(iteration)  # collective (RNG gather, FSDP gathers): every rank calls it
+        state = ckpt.training_state(  # collective (RNG gather, FSDP gathers): every rank calls it
+            iteration, self.student, self.objective, self.optimizer, sharded=self.sharded,
+            world_size=self.env.world_size, version=self.cfg.method.version, skipped=self.skipped,
+        )
         teacher_bb = self.teacher_backbone(state["teacher"])
         if self.env.is_main:
-            from meddino.models import export_backbone
-
             export_backbone(teacher_bb, ckpt.export_path(self.ckpt_dir, iteration))
             ckpt.save_checkpoint(self.ckpt_dir, iteration, state, self.cfg.train.keep_last)
         barrier()
@@ -403,21 +238,8 @@ class Trainer:
         return done % self.cfg.train.log_every == 0 or done == self.end_iteration()
 
     def _apply_schedules(self, it: int) -> dict[str, float]:
-        lr, wd = self.sched.lr(it), self.sched.wd(it)
-        bb_lr, bb_wd = self.sched.backbone_lr_at(it), wd * self.sched.backbone_wd_factor(it)
-        freeze_ll = it < self.sched.freeze_last_layer_iters
-        fino = self.sched.head_warmup_mode == "fino"
-        bb_target = lr if self.sched.backbone_lr is None else self.sched.backbone_lr
-        for g in self.optimizer.param_groups:
-            # FINO's warm-up leaves the patch embedding trainable: it gets the backbone's target lr at once
-            warm = g["is_backbone"] and not (fino and g["is_patch_embed"])
-            base = bb_lr if warm else (bb_target if g["is_backbone"] else lr)
-            if g["is_last_layer"] and freeze_ll and not self.cfg.optim.clip_per_param:
-                base = 0.0  # v2/v3 freeze the prototypes with a zero lr; v1 drops their gradients
-            g["lr"] = base * g["lr_multiplier"]
-            g["weight_decay"] = (bb_wd if warm else wd) * g["wd_multiplier"]
-        return {"lr": lr, "backbone_lr": bb_lr, "wd": wd, "momentum": self.sched.momentum(it),
-                "teacher_temp": self.sched.teacher_temp(it)}
+        """Iteration ``it``'s lr and weight decay into the optimiser groups; returns the scheduled values."""
+        return apply_schedules(self.optimizer, self.sched, it, self.cfg.optim.clip_per_param)
 
     def train_step(self, it: int, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -452,7 +274,7 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._clip_and_freeze(it)
+        clip_and_freeze(self.student, self.cfg, self.sched, it, self.sharded)
         self.optimizer.step()
         ssl.ema_update_(self.objective.teacher, self.student, values["momentum"])
         self.objective.update_centers(targets)
@@ -461,29 +283,13 @@ class Trainer:
         terms["loss"] = avg[0]
         return {**terms, **{k: torch.tensor(v) for k, v in values.items()}}
 
-    def _clip_and_freeze(self, it: int) -> None:
-        o = self.cfg.optim
-        if o.clip_per_param:  # DINOv1: per parameter over the whole student, then drop the prototypes' grads
-            if self.sharded:
-                clip_per_parameter_sharded(self.student, o.clip_grad)
-            else:
-                ssl.clip_gradients(self.student, o.clip_grad, per_parameter=True)
-            for head in self.student.heads().values():
-                ssl.cancel_last_layer_gradients(head, it, self.sched.freeze_last_layer_iters)
-        else:  # DINOv2/v3: global norm per sub-model
-            ssl.clip_gradients(self.student.backbone, o.clip_grad, per_parameter=False)
-            for head in self.student.heads().values():
-                ssl.clip_gradients(head, o.clip_grad, per_parameter=False)
-
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> None:
-        from meddino.runlog import Progress, RunDir
-
         self.setup()
         cfg, env = self.cfg, self.env
         run = RunDir(self.out, cfg if env.is_main else None, tensorboard=False)
         if self.start_iter > 0 and env.is_main:
-            _truncate_metrics(self.out / "metrics.jsonl", self.start_iter)
+            ckpt.truncate_metrics(self.out / "metrics.jsonl", self.start_iter)
         total = cfg.train.iterations
         end = self.end_iteration()
         if self.start_iter >= end:
@@ -513,19 +319,7 @@ class Trainer:
                 n_log += 1
                 done = it + 1
                 if self.is_log_step(done):
-                    self._merge_skipped()
-                    now = time.perf_counter()
-                    row = {k: float(v) for k, v in terms.items()}
-                    row["images_per_s"] = imgs_per_it * n_log / max(now - t_log, 1e-9)
-                    row["s_per_iteration"] = (now - t_log) / n_log
-                    row["epoch"] = it / self.sched.epoch_length
-                    row["skipped_files"] = len(self.skipped)
-                    row["gram_refreshes"] = self.objective.gram_refreshes
-                    collapse = self._health_row(done, row, health_bar)
-                    run.log(done, **row)
-                    t_log, n_log = now, 0
-                    if collapse is not None:
-                        self._on_collapse(collapse)
+                    t_log, n_log = self._log_step(run, it, terms, t_log, n_log, health_bar), 0
                 if cfg.monitor.every and cfg.monitor.manifest and done % cfg.monitor.every == 0:
                     teacher_bb = self.teacher_backbone()  # collective under FSDP
                     if self.monitor is not None:
@@ -542,6 +336,25 @@ class Trainer:
                       file=sys.stderr)
             return
         self._final_export()
+
+    def _log_step(self, run: RunDir, it: int, terms: dict[str, torch.Tensor], t_log: float, n_log: int,
+                  health_bar: dict[str, float]) -> float:
+        """The metrics row after iteration ``it`` (the ``n_log`` iterations since ``t_log``, health
+        diagnostics, skipped files: a collective), then the collapse rule; returns the row's time."""
+        done = it + 1
+        self._merge_skipped()
+        now = time.perf_counter()
+        row = {k: float(v) for k, v in terms.items()}
+        row["images_per_s"] = self.global_batch * n_log / max(now - t_log, 1e-9)
+        row["s_per_iteration"] = (now - t_log) / n_log
+        row["epoch"] = it / self.sched.epoch_length
+        row["skipped_files"] = len(self.skipped)
+        row["gram_refreshes"] = self.objective.gram_refreshes
+        collapse = self._health_row(done, row, health_bar)
+        run.log(done, **row)
+        if collapse is not None:
+            self._on_collapse(collapse)
+        return now
 
     # ------------------------------------------------------------------------------------------ health
     _HEALTH_KEYS = ("teacher_entropy", "student_entropy", "ln_k", "kl_teacher_student", "prototype_usage",
@@ -621,8 +434,6 @@ class Trainer:
     def _final_export(self) -> None:
         teacher_bb = self.teacher_backbone()
         if self.env.is_main:
-            from meddino.models import export_backbone
-
             path = export_backbone(teacher_bb, self.out / "teacher_backbone.safetensors")
             n = len(self.skipped)
             print(f"skipped {n} unreadable file{'s' if n != 1 else ''}", file=sys.stderr)

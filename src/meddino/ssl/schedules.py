@@ -14,7 +14,7 @@ import numpy as np
 
 from meddino.errors import ConfigError
 
-__all__ = ["Schedule", "cosine_schedule", "linear_warmup_then_constant", "scaled_lr"]
+__all__ = ["Schedule", "cosine_schedule", "linear_then_constant", "linear_warmup_then_constant", "scaled_lr"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,11 @@ def linear_warmup_then_constant(
         values = np.concatenate([np.linspace(start, end, w), np.full(total - w, end)])
     return Schedule(values.astype(np.float64), float(end))
 
+
+def linear_then_constant(start: float, end: float, n: int) -> Schedule:
+    """``linspace(start, end, n)`` (both ends included), then ``end``: the per-iteration teacher temperature
+    warm-up of DINOv2/v3 over ``n`` iterations (any number, not a whole number of epochs)."""
+    return Schedule(np.linspace(start, end, n).astype(np.float64), float(end))
 
 def scaled_lr(base_lr: float, batch_size: int, rule: str) -> float:
     """Learning rate for a GLOBAL batch size: ``linear256`` (v1: base * B / 256), ``sqrt1024`` (v2/v3:
