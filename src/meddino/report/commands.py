@@ -12,7 +12,7 @@ VERBS = (
         description="Walk RUNS_DIR, read every evaluation (results.json + predictions/), pretraining "
         "(metrics.jsonl), viz and profile run, and write OUT/report.html (self-contained), OUT/tables/*.csv "
         "and OUT/figures/*.png. OUT defaults to RUNS_DIR/report.",
-        schema="meddino.report.build:ReportConfig",
+        schema="meddino.report.model:ReportConfig",
         run="meddino.report.commands:run",
         args=(Arg("runs", "runs", metavar="RUNS_DIR", help="folder holding run folders (searched recursively)"),),
         overrides_help="out=DIR bootstrap.samples=1000 bootstrap.seed=0 bootstrap.alpha=0.05 title=TEXT "
