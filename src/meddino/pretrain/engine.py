@@ -62,7 +62,7 @@ from meddino.pretrain.distributed import (
     mean_over_ranks,
     wrap_student,
 )
-from meddino.pretrain.health import CollapseDetector, HealthWindow
+from meddino.pretrain.health import CollapseDetector, HealthWindow, log_health
 from meddino.pretrain.method import SSLObjective, Student, build_student, iteration_masks
 from meddino.pretrain.monitor import KNNMonitor
 from meddino.pretrain.optim import Schedules, apply_schedules, build_optimizer, clip_and_freeze
@@ -357,39 +357,13 @@ class Trainer:
         return now
 
     # ------------------------------------------------------------------------------------------ health
-    _HEALTH_KEYS = ("teacher_entropy", "student_entropy", "ln_k", "kl_teacher_student", "prototype_usage",
-                    "effective_rank", "ibot_teacher_entropy", "ibot_student_entropy", "ibot_kl_teacher_student",
-                    "ibot_prototype_usage")
-
-    def _health_diagnostics(self) -> dict[str, float]:
-        """The window's diagnostics, each computed on this rank's local data, then averaged over the ranks
-        that measured it (one small all-reduce, a collective every rank calls at the log step), so every
-        rank feeds the detector the same values and takes the same stop decision."""
-        assert self.health_window is not None
-        local = self.health_window.compute()
-        vals = [float(local.get(k, float("nan"))) for k in self._HEALTH_KEYS]
-        present = [1.0 if math.isfinite(v) else 0.0 for v in vals]
-        vec = torch.tensor([v if p else 0.0 for v, p in zip(vals, present)] + present, dtype=torch.float64)
-        if self.env.distributed:
-            vec = mean_over_ranks(vec.to(self.device)).cpu()
-        n = len(self._HEALTH_KEYS)
-        return {k: float(vec[i] / vec[n + i]) for i, k in enumerate(self._HEALTH_KEYS) if vec[n + i] > 0}
-
     def _health_row(self, step: int, row: dict[str, Any], bar_fields: dict[str, float]) -> str | None:
-        """Add the diagnostics (and ``collapse_warning`` when the detector fires) to the log ``row``, and
-        H/lnK to the progress fields; returns the warning text or None."""
+        """The window's diagnostics into ``row`` (averaged over ranks: a collective), H/lnK into the progress
+        fields; returns the collapse warning or None."""
         if self.health_window is None:
             return None
-        diag = self._health_diagnostics()
-        row.update(diag)
-        if "teacher_entropy" in diag and diag.get("ln_k"):
-            bar_fields["H/lnK"] = diag["teacher_entropy"] / diag["ln_k"]
-        warning = None
-        if self.collapse_detector is not None:
-            warning = self.collapse_detector.update(step, diag.get("teacher_entropy"), diag.get("effective_rank"))
-        if warning is not None:
-            row["collapse_warning"] = warning
-        return warning
+        reduce = (lambda v: mean_over_ranks(v.to(self.device)).cpu()) if self.env.distributed else None
+        return log_health(self.health_window, self.collapse_detector, step, row, bar_fields, reduce)
 
     def _on_collapse(self, warning: str) -> None:
         """One warning line on rank 0, or (``train.stop_on_collapse``) stop on every rank before any

@@ -16,15 +16,20 @@ helpers at the end: :class:`HealthWindow` (what the engine feeds every iteration
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "HEALTH_KEYS",
     "CollapseDetector",
     "HealthWindow",
+    "averaged_diagnostics",
     "effective_rank",
     "kl_divergence",
+    "log_health",
     "mean_entropy",
     "prototype_usage",
 ]
@@ -229,6 +234,43 @@ class CollapseDetector:
         if not messages:
             return None
         return f"step {step}: " + "; ".join(messages)
+
+
+HEALTH_KEYS = ("teacher_entropy", "student_entropy", "ln_k", "kl_teacher_student", "prototype_usage",
+               "effective_rank", "ibot_teacher_entropy", "ibot_student_entropy", "ibot_kl_teacher_student",
+               "ibot_prototype_usage")
+
+
+def averaged_diagnostics(window: HealthWindow,
+                         mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """The window's diagnostics, each computed on this rank's local data, then averaged over the ranks that
+    measured it (``mean_over_ranks``: one small all-reduce, a collective every rank calls at the log step),
+    so every rank feeds the detector the same values and takes the same stop decision."""
+    local = window.compute()
+    vals = [float(local.get(k, float("nan"))) for k in HEALTH_KEYS]
+    present = [1.0 if math.isfinite(v) else 0.0 for v in vals]
+    vec = torch.tensor([v if p else 0.0 for v, p in zip(vals, present)] + present, dtype=torch.float64)
+    if mean_over_ranks is not None:
+        vec = mean_over_ranks(vec)
+    n = len(HEALTH_KEYS)
+    return {k: float(vec[i] / vec[n + i]) for i, k in enumerate(HEALTH_KEYS) if vec[n + i] > 0}
+
+
+def log_health(window: HealthWindow, detector: CollapseDetector | None, step: int, row: dict[str, Any],
+               bar_fields: dict[str, float],
+               mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> str | None:
+    """Add the diagnostics (and ``collapse_warning`` when the detector fires) to the log ``row``, and H/lnK
+    to the progress fields; returns the warning text or None."""
+    diag = averaged_diagnostics(window, mean_over_ranks)
+    row.update(diag)
+    if "teacher_entropy" in diag and diag.get("ln_k"):
+        bar_fields["H/lnK"] = diag["teacher_entropy"] / diag["ln_k"]
+    warning = None
+    if detector is not None:
+        warning = detector.update(step, diag.get("teacher_entropy"), diag.get("effective_rank"))
+    if warning is not None:
+        row["collapse_warning"] = warning
+    return warning
 
 
 def _finite(x: float | None) -> bool:
