@@ -26,6 +26,14 @@ class DataError(UserError):
     """Input data that cannot be used: missing file, wrong mask size, label out of range, empty split."""
 
 
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite (pretraining or any fine-tuning loop).
+
+    Usually a learning rate too high for the data; the message names the verb, epoch and step (or iteration),
+    and the CLI reports it in one line with exit code 2 like every :class:`UserError`.
+    """
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (or its type name), for one-line error reports."""
     text = str(exc).strip()

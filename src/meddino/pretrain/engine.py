@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from meddino import ssl
-from meddino.errors import ConfigError, DataError, UserError
+from meddino.errors import ConfigError, DataError, TrainingDiverged, UserError
 from meddino.models import export_backbone, resolve_backbone
 from meddino.pretrain import checkpoint as ckpt
 from meddino.pretrain.config import PretrainConfig, arch_patch_size
@@ -72,10 +72,6 @@ from meddino.runlog import Progress, RunDir
 class TrainingCollapsed(UserError):
     """The collapse detector fired with ``train.stop_on_collapse=true``: one line, exit code 2, no checkpoint
     of the collapsed state (the last good one is named in the message)."""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the CLI reports it in one line with exit code 2."""
 
 
 def run_pretrain(cfg: PretrainConfig) -> int:
