@@ -1,0 +1,102 @@
+"""The small kit every fine-tuning loop shares: best-on-validation snapshot, early stopping, finite-loss check.
+
+Four loops (``eval seg``, both stages of ``eval phase``, ``eval finetune``) keep the weights of their best
+validation epoch, and two of them (seg, finetune) stop early; each wrote that out by hand, and a NaN loss
+ended one of them with a traceback and went unnoticed in the others. Here it is written once:
+
+- :class:`BestSnapshot`: the best value of a validation metric (``mode="max"`` or ``"min"``), its epoch and a
+  REAL copy of the model's state at that epoch (cloned tensors, not references to the weights that keep
+  training). A value counts as better only when strictly better, so on a tie the earlier epoch is kept.
+  ``start`` is the value to beat: ``None`` takes the first value whatever it is (phase), ``-inf`` / ``inf``
+  make the first epoch count only when its value is better than that (a NaN never is; seg, finetune).
+- :class:`EarlyStopping`: stop after ``patience`` consecutive epochs without improvement (``None``: never).
+- :func:`check_finite`: a NaN / infinite loss raises :class:`~meddino.errors.TrainingDiverged`, which the CLI
+  reports in one line with exit code 2, naming where it happened.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from meddino.errors import TrainingDiverged
+
+__all__ = ["BestSnapshot", "EarlyStopping", "check_finite"]
+
+Mode = Literal["max", "min"]
+
+
+class BestSnapshot:
+    """Best validation value, its epoch and a real copy of the model state at that epoch.
+
+    ``update(value, epoch, model)`` returns True (and copies the state) when ``value`` is strictly better
+    than the best so far (or than ``start``; with ``start=None`` the first value is always taken).
+    ``cpu=True`` keeps the copy on the CPU (seg, phase), ``cpu=False`` on the model's device (finetune).
+    ``restore(model)`` loads the copy back; with no copy (no value ever improved) the model is left as is.
+    """
+
+    def __init__(self, mode: Mode = "max", start: float | None = None, cpu: bool = True):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode: expected 'max' or 'min', got {mode!r}")
+        self.mode, self.cpu = mode, cpu
+        self.value: float | None = start
+        self.epoch: int | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def improves(self, value: float) -> bool:
+        """Whether ``value`` is strictly better than the best so far (ties are not)."""
+        if self.value is None:
+            return True
+        return value > self.value if self.mode == "max" else value < self.value
+
+    def update(self, value: float, epoch: int, model: nn.Module) -> bool:
+        if not self.improves(value):
+            return False
+        self.value, self.epoch = value, epoch
+        if self.cpu:
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return True
+
+    def restore(self, model: nn.Module) -> bool:
+        """Load the best state into ``model``; False (model untouched) when there is none."""
+        if self.state is None:
+            return False
+        model.load_state_dict(self.state)
+        return True
+
+
+class EarlyStopping:
+    """Counts consecutive epochs without improvement; ``step(improved)`` is True once there were ``patience``.
+
+    ``patience=None`` never stops. An improvement resets the count.
+    """
+
+    def __init__(self, patience: int | None):
+        if patience is not None and patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {patience}")
+        self.patience = patience
+        self.stale = 0
+
+    def step(self, improved: bool) -> bool:
+        self.stale = 0 if improved else self.stale + 1
+        return self.patience is not None and self.stale >= self.patience
+
+
+def check_finite(loss: torch.Tensor | float, where: str, **at: object) -> float:
+    """The loss as a float; raises :class:`TrainingDiverged` when it is NaN or infinite.
+
+    ``where`` names the verb (``"eval seg"``), ``at`` the position (``fold=0, epoch=3, step=17``); the
+    message is built only on failure, so calling this every step costs one ``float()`` of the loss.
+    """
+    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    if not math.isfinite(value):
+        pos = ", ".join(f"{k} {v}" for k, v in at.items())
+        raise TrainingDiverged(
+            f"{where}: loss is {value}{f' at {pos}' if pos else ''}; training diverged (try a lower learning rate)"
+        )
+    return value
