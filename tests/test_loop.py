@@ -141,3 +141,24 @@ def test_training_diverged_is_one_class():
     from meddino.pretrain.engine import TrainingDiverged as FromEngine
 
     assert FromEngine is TrainingDiverged and issubclass(TrainingDiverged, UserError)
+
+
+# ------------------------------------------------------------------------------- through the real CLI
+def _one_line_diverged(r, where: str) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines[0].startswith(f"meddino: error: {where}: loss is "), lines[0]
+    assert "training diverged" in lines[0] and "epoch 0" in lines[0]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_finetune_diverges_in_one_line(cli, tmp_path):
+    from test_classify_cli import make_dataset
+
+    manifest = make_dataset(tmp_path / "data")
+    r = cli("eval", "finetune", "--config", "finetune_tiny", f"data.manifest={manifest}", "backbone=random:dinov2_tiny",
+            f"out={tmp_path / 'run'}", "finetune.mode=bitfit", "finetune.lrs=[1e30]")
+    line = _one_line_diverged(r, "eval finetune")
+    assert "lr 1e+30" in line

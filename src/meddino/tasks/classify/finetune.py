@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from meddino.data.manifest import Manifest
+from meddino.devices import autocast, pick_device
 from meddino.errors import ConfigError, DataError
 from meddino.runlog import Progress, RunDir
-from meddino.devices import autocast, pick_device
+from meddino.tasks.classify.common import load_backbone, load_manifest, model_name
 from meddino.tasks.classify.embed import ImageDataset, check_img_size
-from meddino.tasks.classify.frozen import class_scores, head_targets, output_dim
+from meddino.tasks.classify.frozen import _print_summary, class_scores, head_targets, output_dim
 from meddino.tasks.classify.results import (
     evaluate,
     prediction_rows,
@@ -41,6 +42,8 @@ from meddino.tasks.classify.results import (
     write_predictions,
     write_results,
 )
+from meddino.tasks.classify.units import make_units
+from meddino.tasks.loop import BestSnapshot, EarlyStopping, check_finite
 
 _NO_DECAY_TOKENS = ("cls_token", "pos_embed", "reg_token", "mask_token", "register_tokens")
 
@@ -82,7 +85,7 @@ def _timm_module(backbone: nn.Module) -> nn.Module:
 
 def apply_lora(model: Classifier, r: int, alpha: float, targets: list[str], dropout: float = 0.0) -> None:
     """Inject LoRA adapters into the backbone's timm module; freeze everything but adapters and head."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # heavy (pulls in transformers); only LoRA needs it
 
     target = _timm_module(model.backbone)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
@@ -200,9 +203,12 @@ def train_model(model: Classifier, train_ds: ImageDataset, y_train: torch.Tensor
     total = fc.epochs * steps_per_epoch
     warmup = int(round(fc.warmup_epochs * steps_per_epoch))
     trainable = [p for g in groups for p in g["params"]]
-    best: dict[str, Any] = {"val_loss": math.inf, "epoch": -1, "state": None}
+    # lowest val loss, strictly lower than the best so far (a tie keeps the earlier epoch); the copy stays on
+    # the training device as before; patience None = no early stopping
+    best = BestSnapshot("min", start=math.inf, cpu=False)
+    stop = EarlyStopping(fc.patience)
     history = []
-    step, stale = 0, 0
+    step = 0
     torch.manual_seed(seed)
     with Progress(total, "finetune", unit="step") as bar:
         for epoch in range(fc.epochs):
@@ -215,36 +221,29 @@ def train_model(model: Classifier, train_ds: ImageDataset, y_train: torch.Tensor
                 with autocast(device):
                     logits = model(x.to(device, non_blocking=True))
                 loss = loss_fn(logits, y_train[idx].to(device), task)
+                value = check_finite(loss, "eval finetune", lr=f"{lr:g}", batch_size=batch_size, epoch=epoch,
+                                     step=step)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if fc.grad_clip:
                     torch.nn.utils.clip_grad_norm_(trainable, fc.grad_clip)
                 opt.step()
-                running += loss.item() * x.shape[0]
+                running += value * x.shape[0]
                 seen += x.shape[0]
                 step += 1
-                bar.advance(1, loss=loss.item())
+                bar.advance(1, loss=value)
             val_loss, _ = predict(model, val_loader, y_val, task, device)
             history.append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val_loss})
             if log is not None:
                 log(epoch=epoch, train_loss=running / max(seen, 1), val_loss=val_loss)
-            if val_loss < best["val_loss"]:
-                # a REAL copy: cloned tensors, not references to the weights that keep training
-                best = {"val_loss": val_loss, "epoch": epoch,
-                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-                stale = 0
-            else:
-                stale += 1
-                if fc.patience and stale >= fc.patience:
-                    break
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    return {"best_val_loss": best["val_loss"], "best_epoch": best["epoch"], "history": history}
+            if stop.step(best.update(val_loss, epoch, model)):  # a REAL copy of the weights, not references
+                break
+    best.restore(model)
+    return {"best_val_loss": best.value, "best_epoch": best.epoch if best.epoch is not None else -1,
+            "history": history}
 
 
 def build_model(cfg: Any, m: Manifest, device: torch.device) -> Classifier:
-    from meddino.tasks.classify.common import load_backbone
-
     backbone = load_backbone(cfg, drop_path_rate=cfg.finetune.drop_path)
     check_img_size(backbone, cfg.data.img_size)
     model = Classifier(backbone, output_dim(m.task, len(m.names)), cfg.finetune.head, cfg.finetune.head_hidden)
@@ -257,9 +256,6 @@ def _sweep(fc: Any) -> Iterator[tuple[float, int]]:
 
 
 def run_finetune(cfg: Any, manifest: Manifest | None = None) -> int:
-    from meddino.tasks.classify.common import load_manifest, model_name
-    from meddino.tasks.classify.units import make_units
-
     run = RunDir(cfg.out, cfg, tensorboard=False)
     out = run.path
     fc = cfg.finetune
@@ -341,8 +337,6 @@ def run_finetune(cfg: Any, manifest: Manifest | None = None) -> int:
                   predictions={"finetune": "predictions/finetune.csv"}, primary=f"lr={chosen['lr']:g},bs={chosen['batch_size']}",
                   extra={"mode": fc.mode, "sweep": sweep})
     run.close()
-    from meddino.tasks.classify.frozen import _print_summary
-
     _print_summary(f"finetune-{fc.mode}", out, chosen["summary"], cfg.level,
                    f"lr={chosen['lr']:g} bs={chosen['batch_size']}, {n_trainable} trainable params")
     return 0
