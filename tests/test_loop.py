@@ -162,3 +162,23 @@ def test_finetune_diverges_in_one_line(cli, tmp_path):
             f"out={tmp_path / 'run'}", "finetune.mode=bitfit", "finetune.lrs=[1e30]")
     line = _one_line_diverged(r, "eval finetune")
     assert "lr 1e+30" in line
+
+
+def test_phase_stage2_nan_loss_raises(monkeypatch):
+    """The MS-TCN stage used not to look at its loss; now a NaN ends it with TrainingDiverged."""
+    from meddino.tasks.phase import stage2
+    from meddino.tasks.phase.config import Stage2
+
+    def nan_loss(out, *a, **k):
+        return {"loss": out.sum() * float("nan")}
+
+    monkeypatch.setattr(stage2, "mstcn_loss", nan_loss)
+    videos = [(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])) for _ in range(2)]
+
+    class Run:
+        def log(self, *a, **k):
+            pass
+
+    cfg = Stage2(epochs=2, num_stages=1, num_layers=2, channels=4)
+    with pytest.raises(TrainingDiverged, match=r"^eval phase stage 2: loss is nan at epoch 1, step 0;"):
+        stage2.train_stage2(videos, videos, cfg, 3, torch.device("cpu"), 0, Run())

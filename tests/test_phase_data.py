@@ -205,7 +205,8 @@ def test_annotations_must_cover_the_video(tmp_path: Path) -> None:
 def test_feature_files_are_resumable(tmp_path: Path) -> None:
     from meddino.models import build_backbone
     from meddino.tasks.phase.data import PhaseVideo
-    from meddino.tasks.phase.train import FrameClassifier, extract_features, weights_fingerprint
+    from meddino.tasks.phase.features import extract_features, weights_fingerprint
+    from meddino.tasks.phase.frame_model import FrameClassifier
 
     torch.manual_seed(0)
     model = FrameClassifier(build_backbone("dinov2_tiny", img_size=32), 3).eval()
