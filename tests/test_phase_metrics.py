@@ -39,10 +39,10 @@ def test_levenshtein_hand() -> None:
 
 def test_edit_score_hand() -> None:
     # segment labels A B C vs A B A B C: 2 insertions, max length 5 -> (1 - 2/5) * 100 = 60
-    assert edit_score(PRED, TRUE) == pytest.approx(60.0)
+    assert edit_score(TRUE, PRED) == pytest.approx(60.0)
     assert edit_score(TRUE, TRUE) == pytest.approx(100.0)
     # over-segmentation inside one phase is penalised even when frame accuracy is high
-    assert edit_score([0, 0, 1, 0, 0], [0, 0, 0, 0, 0]) == pytest.approx((1 - 2 / 3) * 100)
+    assert edit_score([0, 0, 0, 0, 0], [0, 0, 1, 0, 0]) == pytest.approx((1 - 2 / 3) * 100)
     assert edit_score([], []) == 100.0
 
 
@@ -56,21 +56,21 @@ def test_f1_at_k_hand() -> None:
     # k=10: tp 3, fp 2, fn 0 -> P 3/5, R 1 -> F1 = 2*0.6/1.6 = 75
     # k=25: same = 75
     # k=50: tp 2, fp 3, fn 1 -> P 2/5, R 2/3 -> F1 = 2*(0.4*0.6667)/(1.0667) = 50
-    assert segment_counts(PRED, TRUE, 0.10) == (3, 2, 0)
-    assert segment_counts(PRED, TRUE, 0.25) == (3, 2, 0)
-    assert segment_counts(PRED, TRUE, 0.50) == (2, 3, 1)
-    assert f1_at_k(PRED, TRUE, 0.10) == pytest.approx(75.0)
-    assert f1_at_k(PRED, TRUE, 0.25) == pytest.approx(75.0)
-    assert f1_at_k(PRED, TRUE, 0.50) == pytest.approx(50.0)
+    assert segment_counts(TRUE, PRED, 0.10) == (3, 2, 0)
+    assert segment_counts(TRUE, PRED, 0.25) == (3, 2, 0)
+    assert segment_counts(TRUE, PRED, 0.50) == (2, 3, 1)
+    assert f1_at_k(TRUE, PRED, 0.10) == pytest.approx(75.0)
+    assert f1_at_k(TRUE, PRED, 0.25) == pytest.approx(75.0)
+    assert f1_at_k(TRUE, PRED, 0.50) == pytest.approx(50.0)
     assert f1_at_k(TRUE, TRUE, 0.5) == pytest.approx(100.0)
     # a completely wrong label everywhere: no TP -> 0
-    assert f1_at_k(np.full(10, 5), TRUE, 0.1) == 0.0
+    assert f1_at_k(TRUE, np.full(10, 5), 0.1) == 0.0
 
 
 def test_pooled_f1_sums_counts() -> None:
     other_true = np.array([3, 3, 3, 3])
     other_pred = np.array([3, 3, 3, 3])
-    pooled = pooled_f1_at_k([(PRED, TRUE), (other_pred, other_true)])
+    pooled = pooled_f1_at_k([(TRUE, PRED), (other_true, other_pred)])
     # k=50: tp 2+1, fp 3+0, fn 1+0 -> P 0.5, R 0.75 -> F1 = 60
     assert pooled["f1@50"] == pytest.approx(60.0)
     assert pooled["f1@10"] == pytest.approx(2 * (4 / 6) * 1 / (4 / 6 + 1) * 100)
@@ -81,19 +81,19 @@ def test_accuracy_and_macro_f1_match_sklearn(seed: int) -> None:
     rng = np.random.default_rng(seed)
     true = rng.integers(0, 5, size=60)
     pred = np.where(rng.random(60) < 0.6, true, rng.integers(0, 7, size=60))  # includes phases absent from gt
-    assert frame_accuracy(pred, true) == pytest.approx(accuracy_score(true, pred))
-    assert macro_f1(pred, true) == pytest.approx(f1_score(true, pred, average="macro", zero_division=0))
+    assert frame_accuracy(true, pred) == pytest.approx(accuracy_score(true, pred))
+    assert macro_f1(true, pred) == pytest.approx(f1_score(true, pred, average="macro", zero_division=0))
 
 
 def test_macro_f1_hand() -> None:
     # F1 = 2tp / (2tp + fp + fn). phase 0: tp 2 fp 1 fn 2 -> 4/7; phase 1: tp 3 fp 2 fn 1 -> 6/9;
     # phase 2: tp 2 fp 0 fn 0 -> 1
-    assert macro_f1(PRED, TRUE) == pytest.approx((4 / 7 + 6 / 9 + 1.0) / 3)
-    assert frame_accuracy(PRED, TRUE) == pytest.approx(0.7)
+    assert macro_f1(TRUE, PRED) == pytest.approx((4 / 7 + 6 / 9 + 1.0) / 3)
+    assert frame_accuracy(TRUE, PRED) == pytest.approx(0.7)
 
 
 def test_video_metrics_and_summary() -> None:
-    m = video_metrics(PRED, TRUE)
+    m = video_metrics(TRUE, PRED)
     assert set(m) == {"accuracy", "macro_f1", "edit", "f1@10", "f1@25", "f1@50"}
     per_video = {"a": m, "b": video_metrics(TRUE, TRUE)}
     s = summarize(per_video)

@@ -1,4 +1,10 @@
-"""Metrics with one documented definition each (see docs/metrics.md): pure numpy functions, no I/O."""
+"""Metrics with one documented definition each (see docs/metrics.md): pure functions, no I/O.
+
+One argument order for classification and phase metrics: the ground truth first, then the prediction (or
+scores), ``f(y_true, y_pred)`` as in scikit-learn -- ``macro_f1(y_true, y_pred)``,
+``video_metrics(y_true, y_pred)``, ``auroc(y_true, y_score, task)``. Several metrics are symmetric in the
+two, but segmental F1@k (true and false positives) is not, so the order matters.
+"""
 
 from meddino.metrics.classification import (
     accuracy,

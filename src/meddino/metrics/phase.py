@@ -1,5 +1,8 @@
 """Surgical phase recognition metrics (pure numpy): frame accuracy, macro F1, Edit score, F1@k.
 
+Every function takes the annotation first, then the prediction: ``(y_true, y_pred)``, as the rest of
+:mod:`meddino.metrics` and scikit-learn.
+
 Definitions (all per video; :func:`summarize` then gives mean +/- std over videos, the protocol of seed 000):
 
 - **accuracy**: fraction of frames whose predicted phase equals the annotation (0-1).
@@ -37,22 +40,25 @@ def _arr(x: Sequence[int] | np.ndarray) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def _check(pred: np.ndarray, true: np.ndarray) -> None:
+Labels = Sequence[int] | np.ndarray
+
+
+def _check(true: np.ndarray, pred: np.ndarray) -> None:
     if pred.shape != true.shape:
         raise ValueError(f"prediction has {pred.shape[0]} frames, annotation {true.shape[0]}")
 
 
-def frame_accuracy(pred: Sequence[int] | np.ndarray, true: Sequence[int] | np.ndarray) -> float:
+def frame_accuracy(y_true: Labels, y_pred: Labels) -> float:
     """Fraction of frames predicted correctly (NaN for an empty video)."""
-    p, t = _arr(pred), _arr(true)
-    _check(p, t)
+    t, p = _arr(y_true), _arr(y_pred)
+    _check(t, p)
     return float(np.mean(p == t)) if t.size else float("nan")
 
 
-def per_phase_f1(pred: Sequence[int] | np.ndarray, true: Sequence[int] | np.ndarray) -> dict[int, float]:
+def per_phase_f1(y_true: Labels, y_pred: Labels) -> dict[int, float]:
     """``{phase: F1}`` for every phase present in the annotation or the prediction."""
-    p, t = _arr(pred), _arr(true)
-    _check(p, t)
+    t, p = _arr(y_true), _arr(y_pred)
+    _check(t, p)
     out = {}
     for c in np.union1d(np.unique(p), np.unique(t)):
         tp = int(np.sum((p == c) & (t == c)))
@@ -63,13 +69,13 @@ def per_phase_f1(pred: Sequence[int] | np.ndarray, true: Sequence[int] | np.ndar
     return out
 
 
-def macro_f1(pred: Sequence[int] | np.ndarray, true: Sequence[int] | np.ndarray) -> float:
+def macro_f1(y_true: Labels, y_pred: Labels) -> float:
     """Mean of :func:`per_phase_f1` over the phases present in annotation or prediction (NaN if none)."""
-    scores = per_phase_f1(pred, true)
+    scores = per_phase_f1(y_true, y_pred)
     return float(np.mean(list(scores.values()))) if scores else float("nan")
 
 
-def segments(labels: Sequence[int] | np.ndarray) -> list[tuple[int, int, int]]:
+def segments(labels: Labels) -> list[tuple[int, int, int]]:
     """Runs of equal labels as ``(label, start, end)`` with ``end`` exclusive."""
     a = _arr(labels)
     if a.size == 0:
@@ -91,22 +97,20 @@ def levenshtein(a: Sequence[int], b: Sequence[int]) -> int:
     return prev[-1]
 
 
-def edit_score(pred: Sequence[int] | np.ndarray, true: Sequence[int] | np.ndarray) -> float:
+def edit_score(y_true: Labels, y_pred: Labels) -> float:
     """Segmental Edit score in 0-100 (100 when both are empty)."""
-    sp = [s[0] for s in segments(pred)]
-    st = [s[0] for s in segments(true)]
+    sp = [s[0] for s in segments(y_pred)]
+    st = [s[0] for s in segments(y_true)]
     n = max(len(sp), len(st))
     if n == 0:
         return 100.0
     return (1.0 - levenshtein(sp, st) / n) * 100.0
 
 
-def segment_counts(
-    pred: Sequence[int] | np.ndarray, true: Sequence[int] | np.ndarray, overlap: float
-) -> tuple[int, int, int]:
+def segment_counts(y_true: Labels, y_pred: Labels, overlap: float) -> tuple[int, int, int]:
     """(tp, fp, fn) of the segment matching at IoU threshold ``overlap`` (0-1), see the module docstring."""
-    p, t = _arr(pred), _arr(true)
-    _check(p, t)
+    t, p = _arr(y_true), _arr(y_pred)
+    _check(t, p)
     seg_p, seg_t = segments(p), segments(t)
     used = [False] * len(seg_t)
     tp = fp = 0
@@ -137,33 +141,33 @@ def f1_from_counts(tp: int, fp: int, fn: int) -> float:
     return 2 * precision * recall / (precision + recall) * 100.0
 
 
-def f1_at_k(pred: Sequence[int] | np.ndarray, true: Sequence[int] | np.ndarray, overlap: float) -> float:
+def f1_at_k(y_true: Labels, y_pred: Labels, overlap: float) -> float:
     """Segmental F1 at IoU threshold ``overlap`` (0-1; e.g. 0.1 for F1@10), in 0-100."""
-    return f1_from_counts(*segment_counts(pred, true, overlap))
+    return f1_from_counts(*segment_counts(y_true, y_pred, overlap))
 
 
-def video_metrics(pred: Sequence[int] | np.ndarray, true: Sequence[int] | np.ndarray) -> dict[str, float]:
+def video_metrics(y_true: Labels, y_pred: Labels) -> dict[str, float]:
     """All metrics of one video: accuracy, macro_f1, edit, f1@10, f1@25, f1@50."""
     out = {
-        "accuracy": frame_accuracy(pred, true),
-        "macro_f1": macro_f1(pred, true),
-        "edit": edit_score(pred, true),
+        "accuracy": frame_accuracy(y_true, y_pred),
+        "macro_f1": macro_f1(y_true, y_pred),
+        "edit": edit_score(y_true, y_pred),
     }
     for k in OVERLAPS:
-        out[f"f1@{round(k * 100)}"] = f1_at_k(pred, true, k)
+        out[f"f1@{round(k * 100)}"] = f1_at_k(y_true, y_pred, k)
     return out
 
 
 def pooled_f1_at_k(
     pairs: Iterable[tuple[np.ndarray, np.ndarray]], overlaps: Sequence[float] = OVERLAPS
 ) -> dict[str, float]:
-    """MS-TCN's dataset-level F1@k: tp/fp/fn summed over all (pred, true) videos, then one F1 per k."""
+    """MS-TCN's dataset-level F1@k: tp/fp/fn summed over all (y_true, y_pred) videos, then one F1 per k."""
     pairs = list(pairs)
     out = {}
     for k in overlaps:
         tp = fp = fn = 0
-        for pred, true in pairs:
-            a, b, c = segment_counts(pred, true, k)
+        for y_true, y_pred in pairs:
+            a, b, c = segment_counts(y_true, y_pred, k)
             tp, fp, fn = tp + a, fp + b, fn + c
         out[f"f1@{round(k * 100)}"] = f1_from_counts(tp, fp, fn)
     return out

@@ -414,7 +414,7 @@ def load_phase(run: EvalRun) -> UnitValues:
             order.setdefault(r["video"], []).append(_float(r.get("frame", len(t) - 1)))
         for v, (t, p) in seqs.items():
             o = np.argsort(np.asarray(order[v]), kind="stable")  # frames in time order
-            per_video[v] = video_metrics(np.asarray(p)[o], np.asarray(t)[o])
+            per_video[v] = video_metrics(np.asarray(t)[o], np.asarray(p)[o])
     if not per_video and isinstance(run.results.get("per_video"), dict):
         per_video = {str(v): {k: _float(x) for k, x in m.items()} for v, m in run.results["per_video"].items()
                      if isinstance(m, dict)}

@@ -159,10 +159,10 @@ def _evaluate(mstcn: MSTCN, dataset: PhaseDataset, loaded: dict[str, dict[str, T
         x, y = loaded[v.name]["features"], loaded[v.name]["labels"].numpy()
         probs = mstcn_probs(mstcn, x, device).numpy()
         pred = probs.argmax(1)
-        per_video[v.name] = video_metrics(pred, y)
-        pairs_eval.append((pred, y))
+        per_video[v.name] = video_metrics(y, pred)
+        pairs_eval.append((y, pred))
         if "logits" in loaded[v.name]:
-            per_video_frame[v.name] = video_metrics(loaded[v.name]["logits"].argmax(1).numpy(), y)
+            per_video_frame[v.name] = video_metrics(y, loaded[v.name]["logits"].argmax(1).numpy())
         rows += [(v.name, t, t / fps, int(y[t]), int(pred[t]), probs[t]) for t in range(len(y))]
     return per_video, per_video_frame, pairs_eval, rows
 
