@@ -149,7 +149,7 @@ def _one_line_diverged(r, where: str) -> str:
     lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert lines[0].startswith(f"meddino: error: {where}: loss is "), lines[0]
-    assert "training diverged" in lines[0] and "epoch 0" in lines[0]
+    assert "training diverged" in lines[0] and " epoch " in lines[0] and " step " in lines[0]
     return lines[0]
 
 
@@ -161,7 +161,19 @@ def test_finetune_diverges_in_one_line(cli, tmp_path):
     r = cli("eval", "finetune", "--config", "finetune_tiny", f"data.manifest={manifest}", "backbone=random:dinov2_tiny",
             f"out={tmp_path / 'run'}", "finetune.mode=bitfit", "finetune.lrs=[1e30]")
     line = _one_line_diverged(r, "eval finetune")
-    assert "lr 1e+30" in line
+    assert "lr 1e+30" in line and "epoch 0" in line
+
+
+@pytest.mark.slow
+def test_seg_diverges_in_one_line(cli, tmp_path):
+    """Segmentation used to raise a bare RuntimeError here (a traceback, exit code 1)."""
+    from test_seg_data import make_manifest
+
+    csv = make_manifest(tmp_path / "m", n=8)
+    r = cli("eval", "seg", "-c", "seg_tiny", f"data.manifest={csv}", "data.classes=[bg,a,b]", f"out={tmp_path / 'o'}",
+            "freeze_backbone=false", "train.lr=1e30", "train.backbone_lr=1e30")
+    line = _one_line_diverged(r, "eval seg")
+    assert "fold 0" in line
 
 
 def test_phase_stage2_nan_loss_raises(monkeypatch):

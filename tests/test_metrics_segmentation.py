@@ -45,7 +45,7 @@ def rng() -> np.random.Generator:
 def test_dice_jaccard_match_medpy_and_monai(rng, shape):
     for _ in range(4):
         p, g = _blob(rng, shape), _blob(rng, shape)
-        d, j = sm.dice(p, g), sm.jaccard(p, g)
+        d, j = sm.dice(g, p), sm.jaccard(g, p)
         assert d == pytest.approx(mb.dc(p, g), abs=1e-12)
         assert j == pytest.approx(mb.jc(p, g), abs=1e-12)
         assert d == pytest.approx(_monai(compute_dice, p, g), abs=1e-6)
@@ -64,11 +64,11 @@ def test_dice_jaccard_empty_policy_vs_references():
         assert mb.dc(z, z) == 1.0 or math.isnan(mb.dc(z, z))
     assert math.isnan(_monai(compute_dice, z, z))
     # hallucinated structure (gt empty): meddino 0.0 (counted), medpy 0.0, MONAI NaN (dropped)
-    assert sm.dice(o, z) == 0.0 and sm.jaccard(o, z) == 0.0
+    assert sm.dice(z, o) == 0.0 and sm.jaccard(z, o) == 0.0
     assert mb.dc(o, z) == 0.0
     assert math.isnan(_monai(compute_dice, o, z))
     # missed structure (pred empty): everyone 0.0
-    assert sm.dice(z, o) == 0.0 and _monai(compute_dice, z, o) == 0.0
+    assert sm.dice(o, z) == 0.0 and _monai(compute_dice, z, o) == 0.0
 
 
 def test_dice_hand_computed():
@@ -76,8 +76,8 @@ def test_dice_hand_computed():
     g = np.zeros((4, 4), int)
     p[0, :3] = 1  # 3 pixels
     g[0, 1:] = 1  # 3 pixels, overlap 2
-    assert sm.dice(p, g) == pytest.approx(2 * 2 / 6)
-    assert sm.jaccard(p, g) == pytest.approx(2 / 4)
+    assert sm.dice(g, p) == pytest.approx(2 * 2 / 6)
+    assert sm.jaccard(g, p) == pytest.approx(2 / 4)
 
 
 # ----------------------------------------------------------------------------------------------- HD95
@@ -89,7 +89,7 @@ def test_hd95_equals_monai(rng, shape, spacing):
     for _ in range(4):
         p, g = _blob(rng, shape), _blob(rng, shape)
         kw = {"percentile": 95} if spacing is None else {"percentile": 95, "spacing": list(spacing)}
-        assert sm.hd95(p, g, spacing) == pytest.approx(_monai(compute_hausdorff_distance, p, g, **kw), rel=1e-5)
+        assert sm.hd95(g, p, spacing) == pytest.approx(_monai(compute_hausdorff_distance, p, g, **kw), rel=1e-5)
 
 
 def test_hd95_masks_touching_the_border_equal_monai(rng):
@@ -98,7 +98,7 @@ def test_hd95_masks_touching_the_border_equal_monai(rng):
     p[0:8, 0:20] = True  # touches three image borders
     g[3:20, 5:12] = True
     p |= _blob(rng, (20, 20), 1.0, 0.6)
-    assert sm.hd95(p, g, (1.5, 1.0)) == pytest.approx(
+    assert sm.hd95(g, p, (1.5, 1.0)) == pytest.approx(
         _monai(compute_hausdorff_distance, p, g, percentile=95, spacing=[1.5, 1.0]), rel=1e-5
     )
 
@@ -111,7 +111,7 @@ def test_hd95_is_max_of_directed_p95_of_medpy_distances(rng, connectivity):
         d_pg = _medpy_surface_distances(p, g, spacing, connectivity)
         d_gp = _medpy_surface_distances(g, p, spacing, connectivity)
         expected = max(np.percentile(d_pg, 95), np.percentile(d_gp, 95))
-        assert sm.hd95(p, g, spacing, connectivity=connectivity) == pytest.approx(expected, abs=1e-9)
+        assert sm.hd95(g, p, spacing, connectivity=connectivity) == pytest.approx(expected, abs=1e-9)
 
 
 def test_hd95_pooling_differs_from_medpy_on_asymmetric_error():
@@ -125,7 +125,7 @@ def test_hd95_pooling_differs_from_medpy_on_asymmetric_error():
     p[32:35, 32:35] = True
     d_pg = _medpy_surface_distances(p, g)
     d_gp = _medpy_surface_distances(g, p)
-    ours = sm.hd95(p, g)
+    ours = sm.hd95(g, p)
     assert ours == pytest.approx(max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)))
     assert mb.hd95(p, g) == pytest.approx(np.percentile(np.hstack([d_pg, d_gp]), 95))
     assert ours > 10.0 and mb.hd95(p, g) < 2.0
@@ -140,7 +140,7 @@ def test_hd95_connectivity_changes_the_surface():
         g[i, : i + 1] = True
     p = np.zeros((30, 30), bool)
     p[8:22, 4:18] = True
-    assert sm.hd95(p, g, connectivity=1) != pytest.approx(sm.hd95(p, g, connectivity=2))
+    assert sm.hd95(g, p, connectivity=1) != pytest.approx(sm.hd95(g, p, connectivity=2))
 
 
 @pytest.mark.parametrize("a,k", [(5, 10), (6, 6), (10, 2), (10, 3)])
@@ -153,8 +153,8 @@ def test_hd95_two_squares_offset_by_k(a, k, spacing):
     g = np.zeros((32, 40), bool)
     p[10 : 10 + a, 8 : 8 + a] = True
     g[10 : 10 + a, 8 + k : 8 + k + a] = True
-    assert sm.hd95(p, g, spacing) == pytest.approx(k * spacing[1], abs=1e-9)
-    assert sm.hd95(g, p, spacing) == pytest.approx(k * spacing[1], abs=1e-9)  # symmetric
+    assert sm.hd95(g, p, spacing) == pytest.approx(k * spacing[1], abs=1e-9)
+    assert sm.hd95(p, g, spacing) == pytest.approx(k * spacing[1], abs=1e-9)  # symmetric
 
 
 def test_hd95_parallel_planes_3d_anisotropic():
@@ -163,7 +163,7 @@ def test_hd95_parallel_planes_3d_anisotropic():
     g = np.zeros((12, 10, 10), bool)
     p[2] = True
     g[7] = True
-    assert sm.hd95(p, g, (2.5, 0.7, 0.7)) == pytest.approx(5 * 2.5)
+    assert sm.hd95(g, p, (2.5, 0.7, 0.7)) == pytest.approx(5 * 2.5)
     assert sm.hd95(p, p, (2.5, 0.7, 0.7)) == 0.0
 
 
@@ -175,8 +175,8 @@ def test_hd95_empty_policy_vs_monai():
     assert math.isnan(sm.hd95(z, z))
     diag = math.sqrt((8 * 2.0) ** 2 + (10 * 1.0) ** 2)
     assert sm.image_diagonal(shape, (2.0, 1.0)) == pytest.approx(diag)
-    assert sm.hd95(o, z, (2.0, 1.0)) == pytest.approx(diag)  # hallucinated
-    assert sm.hd95(z, o, (2.0, 1.0)) == pytest.approx(diag)  # missed
+    assert sm.hd95(z, o, (2.0, 1.0)) == pytest.approx(diag)  # hallucinated
+    assert sm.hd95(o, z, (2.0, 1.0)) == pytest.approx(diag)  # missed
     # MONAI: NaN for both empty and also NaN for one empty with a percentile (the miss would vanish)
     assert math.isnan(_monai(compute_hausdorff_distance, z, z, percentile=95))
     assert not math.isfinite(_monai(compute_hausdorff_distance, o, z, percentile=95))
@@ -187,7 +187,7 @@ def test_hd95_empty_policy_vs_monai():
 
 def test_hd95_input_errors():
     with pytest.raises(DataError, match="shape"):
-        sm.hd95(np.ones((4, 4)), np.ones((4, 5)))
+        sm.hd95(np.ones((4, 5)), np.ones((4, 4)))
     with pytest.raises(DataError, match="spacing"):
         sm.hd95(np.ones((4, 4)), np.ones((4, 4)), (1.0, 1.0, 1.0))
     with pytest.raises(DataError, match="spacing"):
@@ -208,7 +208,7 @@ def test_per_class_matches_monai_batch(rng, include_background):
     gt = _label_map(rng, shape, c)
     pred = _label_map(rng, shape, c)
     gt[gt == 3] = 0  # class 3 absent from the ground truth: a hallucination, counted
-    rows = sm.per_class_seg_metrics(pred, gt, c, spacing=spacing, include_background=include_background)
+    rows = sm.per_class_seg_metrics(gt, pred, c, spacing=spacing, include_background=include_background)
     classes = list(range(0 if include_background else 1, c))
     assert [r["class"] for r in rows] == classes
     yp, yt = _onehot(pred, c), _onehot(gt, c)
@@ -232,14 +232,14 @@ def test_per_class_ignore_index_removes_pixels(rng):
     gt = _label_map(rng, (32, 32), 3)
     pred = _label_map(rng, (32, 32), 3)
     gt[:6] = 255
-    rows = sm.per_class_seg_metrics(pred, gt, 3, ignore_index=255)
+    rows = sm.per_class_seg_metrics(gt, pred, 3, ignore_index=255)
     for r in rows:
         c = r["class"]
         pc, gc = pred[6:] == c, gt[6:] == c
         assert r["dice"] == pytest.approx(mb.dc(pc, gc))
         assert r["jaccard"] == pytest.approx(mb.jc(pc, gc))
     # the ignored rows matter for HD95 only through the shape (same distances on the remaining region)
-    full = sm.per_class_seg_metrics(np.where(gt == 255, 0, pred), np.where(gt == 255, 0, gt), 3)
+    full = sm.per_class_seg_metrics(np.where(gt == 255, 0, gt), np.where(gt == 255, 0, pred), 3)
     for r, f in zip(rows, full):
         assert r["hd95"] == pytest.approx(f["hd95"])
 
@@ -249,11 +249,11 @@ def test_per_class_label_errors():
     pred = np.zeros((4, 4), int)
     gt[0, 0] = 5
     with pytest.raises(DataError, match="ground truth: label 5 out of range"):
-        sm.per_class_seg_metrics(pred, gt, 3)
+        sm.per_class_seg_metrics(gt, pred, 3)
     with pytest.raises(DataError, match="prediction: label 7"):
-        sm.per_class_seg_metrics(np.full((4, 4), 7), np.zeros((4, 4), int), 3)
+        sm.per_class_seg_metrics(np.zeros((4, 4), int), np.full((4, 4), 7), 3)
     with pytest.raises(DataError, match="shape"):
-        sm.per_class_seg_metrics(np.zeros((4, 5), int), gt, 3)
+        sm.per_class_seg_metrics(gt, np.zeros((4, 5), int), 3)
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -295,7 +295,7 @@ def test_rows_from_per_class_feed_aggregate(rng):
         for image in range(2):
             gt = _label_map(rng, (24, 24), 3)
             pred = _label_map(rng, (24, 24), 3)
-            for r in sm.per_class_seg_metrics(pred, gt, 3):
+            for r in sm.per_class_seg_metrics(gt, pred, 3):
                 rows.append({**r, "image": f"{patient}-{image}", "patient": patient})
     out = sm.aggregate_seg(rows)
     manual = []

@@ -292,7 +292,7 @@ def test_manifest_split_and_fold_columns(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- schedules
 def test_plateau_scale_matches_torch_reduce_on_plateau():
-    from meddino.tasks.seg.train import PlateauScale
+    from meddino.tasks.loop import PlateauScale
 
     rng = np.random.default_rng(0)
     values = np.concatenate([np.linspace(0.1, 0.5, 5), np.full(8, 0.45), [0.6], rng.uniform(0, 0.6, 20)])
@@ -307,7 +307,7 @@ def test_plateau_scale_matches_torch_reduce_on_plateau():
 
 
 def test_eomt_backbone_warmup():
-    from meddino.tasks.seg.train import backbone_warmup
+    from meddino.tasks.loop import backbone_warmup
 
     assert [backbone_warmup(s, 3, 4) for s in range(9)] == [0, 0, 0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert backbone_warmup(0, 0, 0) == 1.0

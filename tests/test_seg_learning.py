@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from meddino.metrics.segmentation import foreground_dice
 from meddino.models import build_backbone
 from meddino.tasks.seg.eomt import MaskClassificationLoss, mask_annealing_probs
 from meddino.tasks.seg.heads import SegmentationModel
-from meddino.tasks.seg.train import foreground_dice
 
 
 def _batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +41,7 @@ def test_head_learns_a_square(head, frozen, lr, steps, threshold):
     x_test, y_test = _batch(16, torch.Generator().manual_seed(99))
     model.eval()
     with torch.no_grad():
-        before = float(foreground_dice(model.class_scores(x_test).argmax(1), y_test, 2, 255).nanmean())
+        before = float(foreground_dice(y_test, model.class_scores(x_test).argmax(1), 2, 255).nanmean())
     for step in range(steps):
         x, y = _batch(8, g)
         model.train()
@@ -55,5 +55,5 @@ def test_head_learns_a_square(head, frozen, lr, steps, threshold):
         opt.step()
     model.eval()
     with torch.no_grad():
-        after = float(foreground_dice(model.class_scores(x_test).argmax(1), y_test, 2, 255).nanmean())
+        after = float(foreground_dice(y_test, model.class_scores(x_test).argmax(1), 2, 255).nanmean())
     assert after > threshold and after > before + 0.2, (before, after)

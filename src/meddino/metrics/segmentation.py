@@ -4,7 +4,10 @@ Libraries disagree on HD95 and on empty masks (see docs/metrics.md), so meddino 
 metric here and counts missed structures instead of letting them vanish from the mean.
 
 Masks are numpy arrays of class indices (``[H, W]`` frames or ``[D, H, W]`` volumes) or binary masks for
-the single-mask functions; any non-zero value of a binary mask is foreground.
+the single-mask functions; any non-zero value of a binary mask is foreground. Every function takes the
+ground truth first, then the prediction: ``(y_true, y_pred)``, as the rest of :mod:`meddino.metrics`.
+:func:`foreground_dice` is the batched torch version of the per-image foreground Dice that ``eval seg``
+uses to choose its best epoch on the validation patients (on the device, during training).
 
 - **Dice** ``2 |P & G| / (|P| + |G|)``, **Jaccard** ``|P & G| / |P | G|``. Prediction and ground truth
   both empty: NaN, meaning "not counted" (the class is absent and correctly not predicted; averaging it in
@@ -43,16 +46,21 @@ the single-mask functions; any non-zero value of a binary mask is foreground.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
 from meddino.errors import DataError
 
+if TYPE_CHECKING:  # foreground_dice's tensors; torch itself is imported only when it runs
+    import torch
+
 __all__ = [
     "SEG_METRICS",
     "aggregate_seg",
     "dice",
+    "foreground_dice",
     "hd95",
     "image_diagonal",
     "jaccard",
@@ -64,8 +72,9 @@ SEG_METRICS: tuple[str, ...] = ("dice", "jaccard", "hd95")
 Spacing = float | Sequence[float] | np.ndarray | None
 
 
-def _binary_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    p, g = np.asarray(pred), np.asarray(gt)
+def _binary_pair(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, ground truth) as boolean masks of the same shape."""
+    p, g = np.asarray(y_pred), np.asarray(y_true)
     if p.shape != g.shape:
         raise DataError(f"prediction and ground truth differ in shape: {tuple(p.shape)} vs {tuple(g.shape)}")
     return p.astype(bool, copy=False), g.astype(bool, copy=False)
@@ -84,18 +93,18 @@ def _spacing(spacing: Spacing, ndim: int) -> np.ndarray:
     return sp
 
 
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+def dice(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Dice of two binary masks; NaN when both are empty, 0.0 when exactly one is."""
-    p, g = _binary_pair(pred, gt)
+    p, g = _binary_pair(y_true, y_pred)
     denom = int(p.sum()) + int(g.sum())
     if denom == 0:
         return float("nan")
     return 2.0 * int(np.logical_and(p, g).sum()) / denom
 
 
-def jaccard(pred: np.ndarray, gt: np.ndarray) -> float:
+def jaccard(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Jaccard (IoU) of two binary masks; NaN when both are empty, 0.0 when exactly one is."""
-    p, g = _binary_pair(pred, gt)
+    p, g = _binary_pair(y_true, y_pred)
     union = int(np.logical_or(p, g).sum())
     if union == 0:
         return float("nan")
@@ -112,12 +121,12 @@ def _surface(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
-def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = None, *, connectivity: int = 1) -> float:
+def hd95(y_true: np.ndarray, y_pred: np.ndarray, spacing: Spacing = None, *, connectivity: int = 1) -> float:
     """Symmetric HD95 (MONAI convention) in the unit of ``spacing``; see the module docstring.
 
     Both empty -> NaN; exactly one empty -> :func:`image_diagonal`.
     """
-    p, g = _binary_pair(pred, gt)
+    p, g = _binary_pair(y_true, y_pred)
     if p.ndim == 0:
         raise DataError("hd95: masks must have at least one dimension")
     if not 1 <= connectivity <= p.ndim:
@@ -142,8 +151,8 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = None, *, connectiv
 
 
 def per_class_seg_metrics(
-    pred: np.ndarray,
-    gt: np.ndarray,
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
     num_classes: int,
     ignore_index: int | None = None,
     spacing: Spacing = None,
@@ -155,7 +164,7 @@ def per_class_seg_metrics(
     Pixels with ground truth ``ignore_index`` are excluded from both masks (and that class, if it is a class
     index, is not reported). Labels outside ``[0, num_classes)`` other than ``ignore_index`` are an error.
     """
-    p, g = np.asarray(pred), np.asarray(gt)
+    p, g = np.asarray(y_pred), np.asarray(y_true)
     if p.shape != g.shape:
         raise DataError(f"prediction and ground truth differ in shape: {tuple(p.shape)} vs {tuple(g.shape)}")
     if num_classes < 1:
@@ -178,14 +187,33 @@ def per_class_seg_metrics(
         rows.append(
             {
                 "class": c,
-                "dice": dice(pc, gc),
-                "jaccard": jaccard(pc, gc),
-                "hd95": hd95(pc, gc, spacing),
+                "dice": dice(gc, pc),
+                "jaccard": jaccard(gc, pc),
+                "hd95": hd95(gc, pc, spacing),
                 "gt_present": bool(gc.any()),
                 "pred_present": bool(pc.any()),
             }
         )
     return rows
+
+
+def foreground_dice(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Per image of a batch of class-index masks ``[B, ...]`` (torch tensors): the mean over the foreground
+    classes of Dice (NaN for a class absent in both; pixels whose ground truth is ``ignore_index`` left
+    out); ``[B]``, NaN for an image with no class to count."""
+    import torch  # not at module level: the rest of this module is numpy-only and the report imports it
+
+    valid = y_true != ignore_index
+    values = []
+    for c in range(1, num_classes):
+        p = (y_pred == c) & valid
+        g = (y_true == c) & valid
+        inter = (p & g).flatten(1).sum(1).float()
+        denom = (p.flatten(1).sum(1) + g.flatten(1).sum(1)).float()
+        values.append(torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.full_like(denom, float("nan"))))
+    if not values:
+        return torch.full((y_pred.shape[0],), float("nan"))
+    return torch.nanmean(torch.stack(values, 1), dim=1)
 
 
 def _nanmean(values: Iterable[float]) -> float:

@@ -12,6 +12,10 @@ ended one of them with a traceback and went unnoticed in the others. Here it is 
 - :class:`EarlyStopping`: stop after ``patience`` consecutive epochs without improvement (``None``: never).
 - :func:`check_finite`: a NaN / infinite loss raises :class:`~meddino.errors.TrainingDiverged`, which the CLI
   reports in one line with exit code 2, naming where it happened.
+- :class:`PlateauScale` and :func:`backbone_warmup`: the lr factors of the segmentation loop. They live here
+  rather than in :mod:`meddino.ssl.schedules`, whose schedules are precomputed per-iteration arrays of
+  pretraining: the plateau scale reacts to the validation metric epoch by epoch (the same "better than the
+  best so far" rule as the snapshot), and the encoder warm-up is a fine-tuning lr factor computed per step.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import nn
 
 from meddino.errors import TrainingDiverged
 
-__all__ = ["BestSnapshot", "EarlyStopping", "check_finite"]
+__all__ = ["BestSnapshot", "EarlyStopping", "PlateauScale", "backbone_warmup", "check_finite"]
 
 Mode = Literal["max", "min"]
 
@@ -100,3 +104,32 @@ def check_finite(loss: torch.Tensor | float, where: str, **at: object) -> float:
             f"{where}: loss is {value}{f' at {pos}' if pos else ''}; training diverged (try a lower learning rate)"
         )
     return value
+
+
+class PlateauScale:
+    """Multiplicative lr scale, reduced exactly as ``torch.optim.lr_scheduler.ReduceLROnPlateau(mode="max",
+    factor, patience, threshold=0, cooldown=0)`` would: after more than ``patience`` consecutive epochs
+    without improvement the scale is multiplied by ``factor`` and the count restarts."""
+
+    def __init__(self, patience: int, factor: float = 0.5):
+        self.patience, self.factor = patience, factor
+        self.scale, self.best, self.bad = 1.0, -math.inf, 0
+
+    def step(self, value: float) -> float:
+        if value > self.best:
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+            if self.bad > self.patience:
+                self.scale *= self.factor
+                self.bad = 0
+        return self.scale
+
+
+def backbone_warmup(step: int, head_steps: int, ramp_steps: int) -> float:
+    """EoMT's two-stage warm-up factor of the encoder lr: 0 while the heads train alone, then a linear ramp."""
+    if step < head_steps:
+        return 0.0
+    if ramp_steps <= 0:
+        return 1.0
+    return min(1.0, (step - head_steps + 1) / ramp_steps)

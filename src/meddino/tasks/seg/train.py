@@ -4,11 +4,13 @@ Training (seed 000 / seed 001):
 
 - AdamW; heads at ``train.lr``, a trainable encoder at ``train.backbone_lr`` (seed 000: 1e-5).
 - After every epoch, the mean foreground Dice on the validation patients (classes averaged per image,
-  class absent in both prediction and ground truth not counted) decides: a better value saves a real copy
-  of the weights (``copy.deepcopy`` of the state dict on the CPU, not a reference to the live tensors);
-  ``train.plateau_patience`` epochs without improvement halve the learning rates (the semantics of
-  ``torch.optim.lr_scheduler.ReduceLROnPlateau(mode="max", factor=0.5, threshold=0)``, kept in our own
-  scale so that it composes with EoMT's warm-up); ``train.early_stop`` epochs without improvement stop.
+  class absent in both prediction and ground truth not counted) decides: a strictly better value saves a
+  real copy of the weights on the CPU (:class:`meddino.tasks.loop.BestSnapshot`, not a reference to the
+  live tensors; a tie keeps the earlier epoch); ``train.plateau_patience`` epochs without improvement halve
+  the learning rates (the semantics of ``torch.optim.lr_scheduler.ReduceLROnPlateau(mode="max", factor=0.5,
+  threshold=0)``, kept in our own scale, :class:`meddino.tasks.loop.PlateauScale`, so that it composes with
+  EoMT's warm-up); ``train.early_stop`` epochs without improvement stop. A NaN or infinite training loss
+  ends the run with :class:`meddino.errors.TrainingDiverged` (one line, exit code 2).
 - Augmentation: horizontal flip, vertical flip, rotation, p 0.5 each (:func:`.data.augment`).
 - Linear / U-Net / MONAI U-Net: per-pixel cross-entropy with ``ignore_index``. EoMT: the Mask2Former loss
   (:class:`.eomt.MaskClassificationLoss`) with deep supervision and mask annealing over the planned training
@@ -26,7 +28,6 @@ patient, then patients) over all folds' test patients -- each patient is tested 
 
 from __future__ import annotations
 
-import copy
 import csv
 import math
 import time
@@ -39,6 +40,9 @@ import torch.nn.functional as F
 
 from meddino.devices import autocast, pick_device, seed_everything
 from meddino.errors import ConfigError, DataError
+from meddino.metrics.segmentation import aggregate_seg, foreground_dice, per_class_seg_metrics
+from meddino.runlog import Progress, RunDir, atomic_write, write_json
+from meddino.tasks.loop import BestSnapshot, EarlyStopping, PlateauScale, backbone_warmup, check_finite
 from meddino.tasks.seg.config import SegConfig
 from meddino.tasks.seg.data import FrameDataset, SegCase, SegData, load_seg_data, make_folds, read_case, scan
 from meddino.tasks.seg.heads import SegmentationModel
@@ -52,35 +56,6 @@ from meddino.tasks.seg.predict import (
 )
 
 ROW_FIELDS = ("image", "patient", "fold", "class", "dice", "jaccard", "hd95", "gt_present", "pred_present")
-
-
-class PlateauScale:
-    """Multiplicative lr scale, reduced exactly as ``torch.optim.lr_scheduler.ReduceLROnPlateau(mode="max",
-    factor, patience, threshold=0, cooldown=0)`` would: after more than ``patience`` consecutive epochs
-    without improvement the scale is multiplied by ``factor`` and the count restarts."""
-
-    def __init__(self, patience: int, factor: float = 0.5):
-        self.patience, self.factor = patience, factor
-        self.scale, self.best, self.bad = 1.0, -math.inf, 0
-
-    def step(self, value: float) -> float:
-        if value > self.best:
-            self.best, self.bad = value, 0
-        else:
-            self.bad += 1
-            if self.bad > self.patience:
-                self.scale *= self.factor
-                self.bad = 0
-        return self.scale
-
-
-def backbone_warmup(step: int, head_steps: int, ramp_steps: int) -> float:
-    """EoMT's two-stage warm-up factor of the encoder lr: 0 while the heads train alone, then a linear ramp."""
-    if step < head_steps:
-        return 0.0
-    if ramp_steps <= 0:
-        return 1.0
-    return min(1.0, (step - head_steps + 1) / ramp_steps)
 
 
 def build_model(cfg: SegConfig, num_classes: int) -> tuple[SegmentationModel, tuple[int, int], tuple, tuple]:
@@ -113,21 +88,6 @@ def build_model(cfg: SegConfig, num_classes: int) -> tuple[SegmentationModel, tu
     return model, size, mean, std
 
 
-def foreground_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """Per image: mean over foreground classes of Dice (NaN for a class absent in both); [B] (may hold NaN)."""
-    valid = target != ignore_index
-    values = []
-    for c in range(1, num_classes):
-        p = (pred == c) & valid
-        g = (target == c) & valid
-        inter = (p & g).flatten(1).sum(1).float()
-        denom = (p.flatten(1).sum(1) + g.flatten(1).sum(1)).float()
-        values.append(torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.full_like(denom, float("nan"))))
-    if not values:
-        return torch.full((pred.shape[0],), float("nan"))
-    return torch.nanmean(torch.stack(values, 1), dim=1)
-
-
 @torch.no_grad()
 def validate(model: SegmentationModel, loader: torch.utils.data.DataLoader, num_classes: int, ignore_index: int,
              device: torch.device, amp: bool) -> float:
@@ -137,7 +97,7 @@ def validate(model: SegmentationModel, loader: torch.utils.data.DataLoader, num_
         x, y = x.to(device), y.to(device)
         with autocast(device, enabled=amp):
             pred = model.class_scores(x).argmax(1)
-        scores.append(foreground_dice(pred, y, num_classes, ignore_index).cpu())
+        scores.append(foreground_dice(y, pred, num_classes, ignore_index).cpu())
     vals = torch.cat(scores)
     vals = vals[~torch.isnan(vals)]
     return float(vals.mean()) if vals.numel() else 0.0
@@ -150,8 +110,6 @@ def _cases(data: SegData, patients: list[str]) -> list[SegCase]:
 
 def train_fold(cfg: SegConfig, data: SegData, fold: Any, run: Any, device: torch.device, fold_seed: int
                ) -> tuple[SegmentationModel, dict[str, Any], tuple[int, int], tuple, tuple]:
-    from meddino.runlog import Progress
-
     seed_everything(fold_seed)
     model, size, mean, std = build_model(cfg, data.num_classes)
     model.to(device)
@@ -186,7 +144,10 @@ def train_fold(cfg: SegConfig, data: SegData, fold: Any, run: Any, device: torch
             importance_ratio=e.importance_ratio, no_object_weight=e.no_object_weight, mask_weight=e.mask_weight,
             dice_weight=e.dice_weight, class_weight=e.class_weight).to(device)
     plateau = PlateauScale(tc.plateau_patience, tc.plateau_factor)
-    best, best_epoch, best_state, since_best = -math.inf, -1, None, 0
+    # strictly higher val Dice than the best so far (-inf to start: epoch 0 always counts, its Dice is never
+    # NaN); a tie keeps the earlier epoch; stop after train.early_stop epochs without improvement
+    best = BestSnapshot("max", start=-math.inf)
+    stop = EarlyStopping(tc.early_stop)
     step = 0
     t0 = time.perf_counter()
     with Progress(total_steps, f"fold {fold.index} train", unit="step") as bar:
@@ -215,28 +176,22 @@ def train_fold(cfg: SegConfig, data: SegData, fold: Any, run: Any, device: torch
                     loss = parts["loss"]
                 else:
                     loss = F.cross_entropy(out.float(), y, ignore_index=data.ignore_index)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"fold {fold.index} step {step}: loss is {loss.item()}")
+                losses.append(check_finite(loss, "eval seg", fold=fold.index, epoch=epoch, step=step))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                losses.append(float(loss.detach()))
                 step += 1
                 bar.advance(1, loss=losses[-1])
             val_dice = validate(model, val_loader, data.num_classes, data.ignore_index, device, amp) if len(val_ds) else 0.0
             lrs = {f"lr_{g['kind']}": g["lr"] for g in opt.param_groups}
             run.log(step, fold=fold.index, epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),
                     val_dice=val_dice, **lrs)
-            if val_dice > best:
-                best, best_epoch, since_best = val_dice, epoch, 0
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-            else:
-                since_best += 1
+            improved = best.update(val_dice, epoch, model)
             plateau.step(val_dice)
-            if since_best >= tc.early_stop:
+            if stop.step(improved):
                 break
-    model.load_state_dict(best_state)
-    info = {"best_val_dice": best, "best_epoch": best_epoch, "epochs_run": epoch + 1, "steps": step,
+    best.restore(model)
+    info = {"best_val_dice": best.value, "best_epoch": best.epoch, "epochs_run": epoch + 1, "steps": step,
             "train_seconds": round(time.perf_counter() - t0, 2)}
     return model, info, size, mean, std
 
@@ -245,9 +200,6 @@ def evaluate_fold(model: SegmentationModel, data: SegData, cases: list[SegCase],
                   mean: tuple, std: tuple, device: torch.device, batch_size: int, amp: bool,
                   mask_dir: Path | None) -> list[dict[str, Any]]:
     """Per-image (per-volume), per-class metric rows of the test cases."""
-    from meddino.metrics.segmentation import per_class_seg_metrics
-    from meddino.runlog import Progress
-
     rows: list[dict[str, Any]] = []
     with Progress(len(cases), f"fold {fold} test", unit="case") as bar:
         for case in cases:
@@ -255,7 +207,7 @@ def evaluate_fold(model: SegmentationModel, data: SegData, cases: list[SegCase],
             pred = predict_frames(model, loaded.image, size, mean, std, device, batch_size, amp)
             volume = case.kind == "volume"
             p, g = (pred, loaded.mask) if volume else (pred[0], loaded.mask[0])
-            metrics = per_class_seg_metrics(p, g, data.num_classes, ignore_index=data.ignore_index,
+            metrics = per_class_seg_metrics(g, p, data.num_classes, ignore_index=data.ignore_index,
                                             spacing=loaded.spacing if volume else None)
             for r in metrics:
                 rows.append({"image": case.id, "patient": case.patient, "fold": fold,
@@ -280,8 +232,6 @@ def _summary(agg: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    from meddino.runlog import atomic_write
-
     with atomic_write(path, "w") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(ROW_FIELDS))
         writer.writeheader()
@@ -290,9 +240,6 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def run_eval_seg(cfg: SegConfig) -> int:
-    from meddino.metrics.segmentation import aggregate_seg
-    from meddino.runlog import RunDir, write_json
-
     device = pick_device(cfg.train.device)
     data = load_seg_data(cfg.data, check=False)  # cases and classes only
     build_model(cfg, data.num_classes)  # backbone, head and input size are checked before the slow mask scan
