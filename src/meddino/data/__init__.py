@@ -1,3 +1,23 @@
 """Data: readers (:mod:`.io`), pretraining sources (:mod:`.sources`), DINO multi-crop (:mod:`.multicrop`),
-video frames (:mod:`.video`). Kept import-free so that ``import meddino.data`` costs nothing; import the
-submodule you need (``from meddino.data.io import read_image``)."""
+labelled manifests (:mod:`.manifest`), patient-level splits (:mod:`.splits`), video frames (:mod:`.video`) and
+the bundled demo data (:mod:`.bundled`).
+"""
+
+from meddino.lazy import lazy_exports
+
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        "read_image": ".io",
+        "read_volume": ".io",
+        "read_dicom": ".io",
+        "PretrainSource": ".sources",
+        "MultiCropAugmentation": ".multicrop",
+        "Manifest": ".manifest",
+        "read_manifest": ".manifest",
+        "patient_kfold": ".splits",
+        "check_no_leak": ".splits",
+        "extract_frames": ".video",
+        "build_demo_data": ".bundled",
+    },
+)

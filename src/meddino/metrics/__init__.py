@@ -8,40 +8,25 @@ in the two, but segmental F1@k (true and false positives), the ignored pixels an
 segmentation metrics are not, so the order matters.
 """
 
-from meddino.metrics.classification import (
-    accuracy,
-    aggregate_by_patient,
-    auroc,
-    auroc_per_class,
-    balanced_accuracy,
-    classification_metrics,
-    macro_f1,
-    predict_labels,
-    summarize_folds,
-)
-from meddino.metrics.segmentation import (
-    aggregate_seg,
-    dice,
-    hd95,
-    image_diagonal,
-    jaccard,
-    per_class_seg_metrics,
-)
+from meddino.lazy import lazy_exports
 
-__all__ = [
-    "accuracy",
-    "aggregate_by_patient",
-    "aggregate_seg",
-    "auroc",
-    "auroc_per_class",
-    "balanced_accuracy",
-    "classification_metrics",
-    "dice",
-    "hd95",
-    "image_diagonal",
-    "jaccard",
-    "macro_f1",
-    "per_class_seg_metrics",
-    "predict_labels",
-    "summarize_folds",
-]
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        "accuracy": ".classification",
+        "aggregate_by_patient": ".classification",
+        "auroc": ".classification",
+        "auroc_per_class": ".classification",
+        "balanced_accuracy": ".classification",
+        "classification_metrics": ".classification",
+        "macro_f1": ".classification",
+        "predict_labels": ".classification",
+        "summarize_folds": ".classification",
+        "aggregate_seg": ".segmentation",
+        "dice": ".segmentation",
+        "hd95": ".segmentation",
+        "image_diagonal": ".segmentation",
+        "jaccard": ".segmentation",
+        "per_class_seg_metrics": ".segmentation",
+    },
+)

@@ -3,12 +3,12 @@
 ``run_pretrain(cfg)`` runs a validated :class:`PretrainConfig`; see docs/pretrain.md.
 """
 
-from meddino.pretrain.config import PretrainConfig
+from meddino.lazy import lazy_exports
 
-__all__ = ["PretrainConfig", "run_pretrain"]
-
-
-def run_pretrain(cfg: PretrainConfig) -> int:
-    from meddino.pretrain.engine import run_pretrain as _run
-
-    return _run(cfg)
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        "PretrainConfig": ".config",
+        "run_pretrain": ".engine",
+    },
+)

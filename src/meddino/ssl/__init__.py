@@ -6,40 +6,36 @@ function that computes takes tensors and returns tensors; distributed reductions
 :mod:`meddino.ssl.dist` and are the identity in a single process.
 """
 
-from meddino.ssl.centering import sinkhorn_knopp, softmax_center, update_center
-from meddino.ssl.dist import all_reduce_max, all_reduce_sum, is_distributed, rank, world_size
-from meddino.ssl.ema import ema_update_
-from meddino.ssl.heads import DINOHead, make_heads
-from meddino.ssl.losses import dino_loss, gram_loss, ibot_loss, ibot_patch_weights, koleo_loss
-from meddino.ssl.masking import BlockMaskGenerator, block_masks
-from meddino.ssl.optim import cancel_last_layer_gradients, clip_gradients, layer_id, param_groups
-from meddino.ssl.schedules import Schedule, cosine_schedule, linear_warmup_then_constant, scaled_lr
+from meddino.lazy import lazy_exports
 
-__all__ = [
-    "BlockMaskGenerator",
-    "DINOHead",
-    "Schedule",
-    "all_reduce_max",
-    "all_reduce_sum",
-    "block_masks",
-    "cancel_last_layer_gradients",
-    "clip_gradients",
-    "cosine_schedule",
-    "dino_loss",
-    "ema_update_",
-    "gram_loss",
-    "ibot_loss",
-    "ibot_patch_weights",
-    "is_distributed",
-    "koleo_loss",
-    "layer_id",
-    "linear_warmup_then_constant",
-    "make_heads",
-    "param_groups",
-    "rank",
-    "scaled_lr",
-    "sinkhorn_knopp",
-    "softmax_center",
-    "update_center",
-    "world_size",
-]
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        "sinkhorn_knopp": ".centering",
+        "softmax_center": ".centering",
+        "update_center": ".centering",
+        "all_reduce_max": ".dist",
+        "all_reduce_sum": ".dist",
+        "is_distributed": ".dist",
+        "rank": ".dist",
+        "world_size": ".dist",
+        "ema_update_": ".ema",
+        "DINOHead": ".heads",
+        "make_heads": ".heads",
+        "dino_loss": ".losses",
+        "gram_loss": ".losses",
+        "ibot_loss": ".losses",
+        "ibot_patch_weights": ".losses",
+        "koleo_loss": ".losses",
+        "BlockMaskGenerator": ".masking",
+        "block_masks": ".masking",
+        "cancel_last_layer_gradients": ".optim",
+        "clip_gradients": ".optim",
+        "layer_id": ".optim",
+        "param_groups": ".optim",
+        "Schedule": ".schedules",
+        "cosine_schedule": ".schedules",
+        "linear_warmup_then_constant": ".schedules",
+        "scaled_lr": ".schedules",
+    },
+)
