@@ -40,7 +40,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from meddino.errors import ConfigError
-from meddino.tasks.seg.heads import tokens_to_map
+from meddino.tasks.seg.tokens import tokens_to_map
 
 
 # ---------------------------------------------------------------------------------------------- schedule

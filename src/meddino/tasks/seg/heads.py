@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from meddino.errors import ConfigError
+from meddino.tasks.seg.eomt import EoMT
+from meddino.tasks.seg.tokens import tokens_to_map
 
 
 def default_unet_blocks(depth: int) -> list[int]:
@@ -34,15 +36,6 @@ def default_unet_blocks(depth: int) -> list[int]:
         raise ConfigError(f"the U-Net decoder needs an encoder with >= 4 blocks (this one has {depth})")
     step = depth / 4
     return [int(round(step * (i + 1))) - 1 for i in range(4)]
-
-
-def tokens_to_map(patch: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """[B, N, D] patch tokens -> [B, D, h, w]."""
-    b, n, d = patch.shape
-    h, w = int(grid[0]), int(grid[1])
-    if n != h * w:
-        raise ValueError(f"{n} patch tokens do not fill a {h}x{w} grid")
-    return patch.transpose(1, 2).reshape(b, d, h, w)
 
 
 class LinearDecoder(nn.Module):
@@ -163,8 +156,6 @@ class SegmentationModel(nn.Module):
         elif head == "eomt":
             if self.is_cnn:
                 raise ConfigError("head=eomt needs a ViT backbone (EoMT joins queries to the token sequence)")
-            from meddino.tasks.seg.eomt import EoMT
-
             # the backbone is registered once (self.backbone); EoMT holds only its own parameters and
             # receives the backbone at call time
             self.head = EoMT(backbone, num_classes, **(eomt or {}))
