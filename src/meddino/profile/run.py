@@ -7,7 +7,8 @@ random normalised input ``[batch_size, 3, img_size, img_size]``, median and p95 
 
 - ``backbone``: ``forward_features`` (CLS + patch tokens after the final norm);
 - ``linear_seg`` / ``unet``: the frozen-encoder segmentation model of ``meddino eval seg`` producing logits
-  at the input size (:class:`meddino.tasks.seg.heads.SegmentationModel`);
+  at the input size (:class:`meddino.tasks.seg.heads.SegmentationModel`; the names are the
+  ``profile_name`` of the heads' entries in :data:`meddino.tasks.seg.heads.SEG_HEADS`);
 - ``eomt``: EoMT's semantic map at inference (queries joined before the last blocks, no masked attention,
   per-pixel class scores at the input size);
 - ``phase``: one online frame step of seed 000's phase model: backbone CLS feature, then one step of the
@@ -33,15 +34,29 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
+from PIL import Image
 from pydantic import Field
+from rich.console import Console
+from rich.table import Table
 
-from meddino.config import Schema
+from meddino import __version__
+from meddino.config import Schema, load_config
 from meddino.devices import autocast, pick_device
 from meddino.errors import ConfigError
+from meddino.models import resolve_backbone
+from meddino.pretrain.config import PretrainConfig
+from meddino.pretrain.distributed import DistEnv
+from meddino.pretrain.engine import Trainer
 from meddino.profile.timing import count_params, latency_stats, machine_info, synchronize, time_calls
+from meddino.runlog import write_json
+from meddino.tasks.seg.config import EoMTConfig
+from meddino.tasks.seg.heads import SEG_HEADS, SegmentationModel
 
-HEADS = ("linear_seg", "unet", "eomt", "phase")
+#: the segmentation heads by their profile name (``linear_seg`` is the ``linear`` head)
+SEG_PROFILED = {h.profile_name: h for h in SEG_HEADS.values() if h.profile_name}
+HEADS = (*SEG_PROFILED, "phase")
 
 
 class PretrainProfileConfig(Schema):
@@ -91,14 +106,13 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 def build_head(name: str, backbone: torch.nn.Module, cfg: ProfileConfig) -> tuple[torch.nn.Module, Any]:
     """(module holding every parameter used, callable input -> output) for one head; raises ConfigError /
     ImportError when the head is not available for this backbone."""
-    if name in ("linear_seg", "unet", "eomt"):
-        from meddino.tasks.seg.heads import SegmentationModel
-
-        head = {"linear_seg": "linear"}.get(name, name)
-        eomt = {"num_queries": cfg.num_queries} if name == "eomt" else None
-        model = SegmentationModel(backbone, head, cfg.num_classes, freeze_backbone=True, eomt=eomt)
+    if name in SEG_PROFILED:
+        model = SegmentationModel(backbone, SEG_PROFILED[name].name, cfg.num_classes, freeze_backbone=True,
+                                  eomt=EoMTConfig(num_queries=cfg.num_queries))
         return model, model.class_scores
     if name == "phase":
+        # imported here on purpose: a phase module missing from the installation is an ImportError that
+        # profile_inference turns into a skipped row (module docstring)
         from meddino.tasks.phase.mstcn import MSTCN, MSTCNConfig, OnlineMSTCN
 
         mstcn = MSTCN(MSTCNConfig(in_dim=int(backbone.embed_dim), num_classes=cfg.num_phases))
@@ -114,8 +128,6 @@ def build_head(name: str, backbone: torch.nn.Module, cfg: ProfileConfig) -> tupl
 
 def profile_inference(cfg: ProfileConfig, device: torch.device) -> list[dict[str, Any]]:
     """One row per (backbone, head) with params, latency median / p95 and FPS (see module docstring)."""
-    from meddino.models import resolve_backbone
-
     backbone = resolve_backbone(cfg.backbone, img_size=cfg.img_size).to(device).eval()
     patch = int(getattr(backbone, "patch_size", 1) or 1)
     if getattr(backbone, "version", "") != "cnn" and cfg.img_size % patch:
@@ -154,14 +166,6 @@ def profile_inference(cfg: ProfileConfig, device: torch.device) -> list[dict[str
 def _pretrain_trainer(cfg: ProfileConfig, device: torch.device, tmp: Path) -> Any:
     """A :class:`~meddino.pretrain.engine.Trainer` of the recipe, set up on a one-image folder (the data is
     never read: the profile feeds synthetic batches)."""
-    import numpy as np
-    from PIL import Image
-
-    from meddino.config import load_config
-    from meddino.pretrain.config import PretrainConfig
-    from meddino.pretrain.distributed import DistEnv
-    from meddino.pretrain.engine import Trainer
-
     data = tmp / "data"
     data.mkdir()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(data / "blank.png")
@@ -276,9 +280,6 @@ def profile_pretrain(cfg: ProfileConfig, device: torch.device) -> dict[str, Any]
 
 def run_profile(cfg: ProfileConfig) -> Path:
     """Measure, print a table, write ``OUT/profile.json``; returns the JSON path."""
-    from meddino import __version__
-    from meddino.runlog import write_json
-
     if not cfg.backbone and not cfg.recipe:
         raise ConfigError("profile: give --backbone CKPT and/or --recipe NAME")
     device = pick_device(cfg.device)
@@ -296,9 +297,6 @@ def run_profile(cfg: ProfileConfig) -> Path:
 
 
 def print_table(rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"meddino profile on {machine.get('device_name', machine.get('device'))}")
     cols = [("model", "model"), ("head", "head"), ("params (M)", "params_m"), ("batch", "batch_size"),
             ("median ms", "latency_ms_median"), ("p95 ms", "latency_ms_p95"), ("FPS", "fps"),

@@ -51,6 +51,14 @@ def default_num_blocks(depth: int) -> int:
     return max(1, min(l2, depth - 1))
 
 
+def resolve_num_blocks(depth: int, num_blocks: int | None) -> int:
+    """``eomt.num_blocks`` (None: :func:`default_num_blocks`) checked against a ``depth``-block backbone."""
+    resolved = default_num_blocks(depth) if num_blocks is None else int(num_blocks)
+    if not 1 <= resolved < depth:
+        raise ConfigError(f"eomt.num_blocks must be in 1..{depth - 1} for a {depth}-block backbone")
+    return resolved
+
+
 def mask_annealing_probs(progress: float, num_blocks: int, power: float = 0.9) -> list[float]:
     """Probability that each of the L2 masked blocks keeps its attention mask at training ``progress``.
 
@@ -106,9 +114,7 @@ class EoMT(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int, num_queries: int = 100, num_blocks: int | None = None):
         super().__init__()
         depth, dim = int(backbone.depth), int(backbone.embed_dim)
-        self.num_blocks = default_num_blocks(depth) if num_blocks is None else int(num_blocks)
-        if not 1 <= self.num_blocks < depth:
-            raise ConfigError(f"eomt.num_blocks must be in 1..{depth - 1} for a {depth}-block backbone")
+        self.num_blocks = resolve_num_blocks(depth, num_blocks)
         self.num_queries, self.num_classes = int(num_queries), int(num_classes)
         self.queries = nn.Embedding(self.num_queries, dim)
         self.class_head = nn.Linear(dim, num_classes + 1)

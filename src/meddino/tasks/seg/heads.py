@@ -12,21 +12,28 @@
   resized (bilinear) to the input.
 - :class:`MonaiUNet`: MONAI's ``UNet`` trained from scratch (seed 001's baseline), no encoder.
 
-:class:`SegmentationModel` puts a head on an encoder; a frozen encoder runs under ``no_grad`` in eval mode
-(no drop path, no BN updates) whatever the module's mode. EoMT lives in :mod:`.eomt`.
+Every head (these three and :class:`~meddino.tasks.seg.eomt.EoMT`) has one entry in :data:`SEG_HEADS`
+(:class:`SegHead`): its builder, the checks it makes on an encoder, its options (the ``SegConfig`` field,
+``SegmentationModel`` keyword and ``model.json`` key that hold them, with their typed config where there is
+one: :class:`~meddino.tasks.seg.config.EoMTConfig` for EoMT) and what it consumes and how it trains. Code
+outside asks the entry, never the head's name. :class:`SegmentationModel` puts a head on an encoder; a
+frozen encoder runs under ``no_grad`` in eval mode (no drop path, no BN updates) whatever the module's mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meddino.config import Schema
 from meddino.errors import ConfigError
-from meddino.tasks.seg.eomt import EoMT
+from meddino.tasks.seg.config import EoMTConfig
+from meddino.tasks.seg.eomt import EoMT, MaskClassificationLoss, resolve_num_blocks
 from meddino.tasks.seg.tokens import tokens_to_map
 
 
@@ -97,70 +104,199 @@ class UNetDecoder(nn.Module):
         return x
 
 
+def monai_multiple(channels: Sequence[int]) -> int:
+    """Input sides of MONAI's U-Net must be a multiple of this (one halving per level after the first)."""
+    return 2 ** (len(channels) - 1)
+
+
+def _monai_unet_class() -> type[nn.Module]:
+    try:  # MONAI is an optional dependency, imported only when this head is asked for
+        from monai.networks.nets import UNet
+    except ImportError:
+        raise ConfigError("head=monai_unet needs MONAI (pip install monai)") from None
+    return UNet
+
+
 class MonaiUNet(nn.Module):
     """MONAI's 2-D ``UNet`` (residual units, instance norm), trained from scratch: seed 001's baseline."""
 
     def __init__(self, num_classes: int, channels: Sequence[int] = (16, 32, 64, 128, 256)):
         super().__init__()
-        try:
-            from monai.networks.nets import UNet
-        except ImportError:
-            raise ConfigError("head=monai_unet needs MONAI (pip install monai)") from None
-        self.net = UNet(spatial_dims=2, in_channels=3, out_channels=num_classes, channels=tuple(channels),
+        unet = _monai_unet_class()
+        self.net = unet(spatial_dims=2, in_channels=3, out_channels=num_classes, channels=tuple(channels),
                         strides=(2,) * (len(channels) - 1), num_res_units=2)
-        self.multiple = 2 ** (len(channels) - 1)
+        self.multiple = monai_multiple(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
+# ---------------------------------------------------------------------------------------------- registry
+def _is_cnn(backbone: nn.Module | None) -> bool:
+    return backbone is not None and getattr(backbone, "version", "") == "cnn"
+
+
+def _build_linear(backbone: nn.Module, num_classes: int, _options: None) -> tuple[nn.Module, None]:
+    return LinearDecoder(backbone.embed_dim, num_classes), None
+
+
+def unet_levels(backbone: nn.Module, blocks: Sequence[int] | None) -> tuple[list[int], list[int]]:
+    """(feature levels, their channel counts) of the U-Net decoder on ``backbone``: for a CNN its last four
+    multi-scale maps, for a ViT four blocks (``blocks``, default :func:`default_unet_blocks`)."""
+    if _is_cnn(backbone):
+        was_training = backbone.training
+        backbone.eval()
+        with torch.no_grad():  # channel counts of the levels (eval: no BN statistics update)
+            probe = backbone.feature_maps(torch.zeros(1, 3, 64, 64))
+        backbone.train(was_training)
+        if len(probe) < 4:
+            raise ConfigError("the U-Net decoder needs a CNN with >= 4 feature levels")
+        levels = list(range(len(probe) - 4, len(probe)))
+        return levels, [int(probe[i].shape[1]) for i in levels]
+    chosen = list(blocks) if blocks is not None else default_unet_blocks(backbone.depth)
+    for b in chosen:
+        if not 0 <= b < backbone.depth:
+            raise ConfigError(f"unet_blocks: block {b} out of range 0..{backbone.depth - 1}")
+    return sorted(chosen), [backbone.embed_dim] * 4
+
+
+def _build_unet(backbone: nn.Module, num_classes: int, blocks: Sequence[int] | None) -> tuple[nn.Module, list[int]]:
+    levels, channels = unet_levels(backbone, blocks)
+    return UNetDecoder(channels, num_classes), levels
+
+
+def _check_eomt(backbone: nn.Module, cfg: EoMTConfig) -> int:
+    if _is_cnn(backbone):
+        raise ConfigError("head=eomt needs a ViT backbone (EoMT joins queries to the token sequence)")
+    return resolve_num_blocks(int(backbone.depth), cfg.num_blocks)
+
+
+def _build_eomt(backbone: nn.Module, num_classes: int, cfg: EoMTConfig) -> tuple[nn.Module, None]:
+    _check_eomt(backbone, cfg)
+    # the backbone is registered once (SegmentationModel.backbone); EoMT holds only its own parameters and
+    # receives the backbone at call time
+    return EoMT(backbone, num_classes, num_queries=cfg.num_queries, num_blocks=cfg.num_blocks), None
+
+
+def _eomt_criterion(num_classes: int, ignore_index: int, cfg: EoMTConfig) -> nn.Module:
+    return MaskClassificationLoss(
+        num_classes, ignore_index, num_points=cfg.num_points, oversample_ratio=cfg.oversample_ratio,
+        importance_ratio=cfg.importance_ratio, no_object_weight=cfg.no_object_weight, mask_weight=cfg.mask_weight,
+        dice_weight=cfg.dice_weight, class_weight=cfg.class_weight)
+
+
+def _eomt_record(head: nn.Module, cfg: EoMTConfig) -> dict[str, Any]:
+    return {**cfg.model_dump(), "num_blocks": head.num_blocks}  # L2 as resolved for this backbone
+
+
+def _build_monai(_backbone: None, num_classes: int, channels: Sequence[int]) -> tuple[nn.Module, None]:
+    return MonaiUNet(num_classes, channels), None
+
+
+def _no_check(_backbone: nn.Module | None, _options: Any) -> None:
+    return None
+
+
+#: What a head consumes: the image itself (no encoder), the last block's patch map, four feature levels
+#: (:attr:`SegmentationModel.unet_blocks`), or the backbone itself (the head runs the encoder's blocks).
+HeadInputs = Literal["image", "last_block", "levels", "backbone"]
+
+
+@dataclass(frozen=True)
+class SegHead:
+    """One segmentation head: how to check and build it on an encoder, its options, what it consumes and how
+    it trains. ``build(backbone, num_classes, options) -> (module, feature levels or None)`` makes the same
+    checks as ``check(backbone, options)`` (which builds nothing) before building."""
+
+    name: str
+    inputs: HeadInputs
+    build: Callable[[Any, int, Any], tuple[nn.Module, list[int] | None]]
+    check: Callable[[Any, Any], Any] = _no_check
+    #: the ``SegConfig`` field, ``SegmentationModel`` keyword and ``model.json`` key holding this head's options
+    option: str | None = None
+    config: type[Schema] | None = None  # their typed config (passed whole to build / check / criterion)
+    needs_backbone: bool = True
+    #: trained as a mask transformer: ``criterion`` (set loss), deep supervision, mask annealing, the two-stage
+    #: encoder warm-up; class scores from :meth:`EoMT.semantic_scores`
+    mask_classification: bool = False
+    criterion: Callable[[int, int, Any], nn.Module] | None = None  # its training loss (None: pixel CE)
+    record: Callable[[nn.Module, Any], Any] | None = None  # model.json's ``eomt`` entry: options as resolved
+    multiple: Callable[[Any], int] | None = None  # input-side multiple from the options (None: the encoder's)
+    profile_name: str | None = None  # its name in ``meddino profile`` (None: not profiled, no encoder)
+
+    def options(self, source: Any) -> Any:
+        """This head's options from a ``SegConfig`` (or anything holding the same fields), typed."""
+        return self.typed(getattr(source, self.option) if self.option else None)
+
+    def typed(self, options: Any) -> Any:
+        """A dict (or None: the defaults) -> the typed config, for heads that have one."""
+        if self.config is not None and not isinstance(options, self.config):
+            return self.config.model_validate(options or {})
+        return options
+
+    def _require_backbone(self, backbone: nn.Module | None) -> None:
+        if self.needs_backbone and backbone is None:
+            raise ConfigError(f"head={self.name} needs a backbone")
+
+    def validate(self, backbone: nn.Module | None, options: Any) -> None:
+        """Everything :meth:`make` would refuse, without building the head."""
+        self._require_backbone(backbone)
+        self.check(backbone, options)
+
+    def make(self, backbone: nn.Module | None, num_classes: int, options: Any) -> tuple[nn.Module, list[int] | None]:
+        self._require_backbone(backbone)
+        return self.build(backbone, num_classes, options)
+
+    def input_multiple(self, backbone: nn.Module | None, options: Any) -> int:
+        """Input sides must be a multiple of this."""
+        if self.multiple is not None:
+            return self.multiple(options)
+        return 32 if _is_cnn(backbone) else int(backbone.patch_size)
+
+
+SEG_HEADS: dict[str, SegHead] = {h.name: h for h in (
+    SegHead("linear", "last_block", _build_linear, profile_name="linear_seg"),
+    SegHead("unet", "levels", _build_unet, check=unet_levels, option="unet_blocks", profile_name="unet"),
+    SegHead("eomt", "backbone", _build_eomt, check=_check_eomt, option="eomt", config=EoMTConfig,
+            mask_classification=True, criterion=_eomt_criterion, record=_eomt_record, profile_name="eomt"),
+    SegHead("monai_unet", "image", _build_monai, check=lambda _b, _c: _monai_unet_class(), option="monai_channels",
+            needs_backbone=False, multiple=monai_multiple),
+)}
+
+
+def head_spec(name: str) -> SegHead:
+    """The registry entry of head ``name``."""
+    if name not in SEG_HEADS:
+        raise ConfigError(f"unknown head '{name}' ({', '.join(SEG_HEADS)})")
+    return SEG_HEADS[name]
+
+
+# ---------------------------------------------------------------------------------------------- model
 class SegmentationModel(nn.Module):
-    """An encoder + a head -> per-pixel class logits at the input size (``head`` in linear/unet/monai_unet),
-    or an :class:`~meddino.tasks.seg.eomt.EoMT` (``head == "eomt"``)."""
+    """An encoder + a head (an entry of :data:`SEG_HEADS`) -> per-pixel class logits at the input size, or
+    EoMT's mask / class predictions (:meth:`class_scores` gives class scores for every head).
+
+    ``unet_blocks``, ``eomt`` (an :class:`EoMTConfig` or a dict of its fields) and ``monai_channels`` are the
+    options of the heads that have them; each head reads its own only.
+    """
 
     def __init__(self, backbone: nn.Module | None, head: str, num_classes: int, freeze_backbone: bool = True,
-                 unet_blocks: Sequence[int] | None = None, eomt: dict[str, Any] | None = None,
+                 unet_blocks: Sequence[int] | None = None, eomt: EoMTConfig | Mapping[str, Any] | None = None,
                  monai_channels: Sequence[int] = (16, 32, 64, 128, 256)):
         super().__init__()
+        spec = head_spec(head)
+        options = {"unet_blocks": unet_blocks, "eomt": eomt, "monai_channels": monai_channels}
+        self.spec = spec
+        self.options = spec.typed(options[spec.option] if spec.option else None)
         self.head_name, self.num_classes = head, num_classes
+        if not spec.needs_backbone:
+            backbone = None
         self.freeze_backbone = bool(freeze_backbone) and backbone is not None
         self.backbone = backbone
-        self.unet_blocks: list[int] | None = None
-        self.is_cnn = backbone is not None and getattr(backbone, "version", "") == "cnn"
-        if head == "monai_unet":
-            self.backbone = None
-            self.head = MonaiUNet(num_classes, monai_channels)
-        elif backbone is None:
-            raise ConfigError(f"head={head} needs a backbone")
-        elif head == "linear":
-            self.head = LinearDecoder(backbone.embed_dim, num_classes)
-        elif head == "unet":
-            if self.is_cnn:
-                was_training = backbone.training
-                backbone.eval()
-                with torch.no_grad():  # channel counts of the levels (eval: no BN statistics update)
-                    probe = backbone.feature_maps(torch.zeros(1, 3, 64, 64))
-                backbone.train(was_training)
-                if len(probe) < 4:
-                    raise ConfigError("the U-Net decoder needs a CNN with >= 4 feature levels")
-                self.unet_blocks = list(range(len(probe) - 4, len(probe)))
-                channels = [int(probe[i].shape[1]) for i in self.unet_blocks]
-            else:
-                blocks = list(unet_blocks) if unet_blocks is not None else default_unet_blocks(backbone.depth)
-                for b in blocks:
-                    if not 0 <= b < backbone.depth:
-                        raise ConfigError(f"unet_blocks: block {b} out of range 0..{backbone.depth - 1}")
-                self.unet_blocks = sorted(blocks)
-                channels = [backbone.embed_dim] * 4
-            self.head = UNetDecoder(channels, num_classes)
-        elif head == "eomt":
-            if self.is_cnn:
-                raise ConfigError("head=eomt needs a ViT backbone (EoMT joins queries to the token sequence)")
-            # the backbone is registered once (self.backbone); EoMT holds only its own parameters and
-            # receives the backbone at call time
-            self.head = EoMT(backbone, num_classes, **(eomt or {}))
-        else:
-            raise ConfigError(f"unknown head '{head}' (linear, unet, eomt, monai_unet)")
+        self.is_cnn = _is_cnn(backbone)
+        head_module, levels = spec.make(backbone, num_classes, self.options)
+        self.unet_blocks: list[int] | None = levels
+        self.head = head_module
         if self.freeze_backbone:
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
@@ -168,9 +304,7 @@ class SegmentationModel(nn.Module):
     @property
     def input_multiple(self) -> int:
         """Input sides must be a multiple of this."""
-        if self.head_name == "monai_unet":
-            return self.head.multiple
-        return int(self.backbone.patch_size) if not self.is_cnn else 32
+        return self.spec.input_multiple(self.backbone, self.options)
 
     def train(self, mode: bool = True) -> SegmentationModel:
         super().train(mode)
@@ -180,7 +314,7 @@ class SegmentationModel(nn.Module):
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
         bb = self.backbone
-        if self.head_name == "linear":
+        if self.spec.inputs == "last_block":
             out = bb.forward_features(x)
             return [tokens_to_map(out["patch"], out["grid"])]
         if self.is_cnn:
@@ -191,23 +325,23 @@ class SegmentationModel(nn.Module):
         return [tokens_to_map(f["patch"], grid) for f in feats]
 
     def forward(self, x: torch.Tensor, **eomt_kwargs: Any) -> Any:
-        if self.head_name == "monai_unet":
+        if self.spec.inputs == "image":
             return self.head(x)
-        if self.head_name == "eomt":
+        if self.spec.inputs == "backbone":
             return self.head(self.backbone, x, frozen=self.freeze_backbone, **eomt_kwargs)
         if self.freeze_backbone:
             with torch.no_grad():
                 maps = self._features(x)
         else:
             maps = self._features(x)
-        if self.head_name == "linear":
+        if self.spec.inputs == "last_block":
             return self.head(maps[0], x.shape[-2:])
         return self.head(maps, x.shape[-2:])
 
     @torch.no_grad()
     def class_scores(self, x: torch.Tensor) -> torch.Tensor:
         """Per-pixel class scores [B, C, H, W] at the input size; argmax gives the semantic map."""
-        if self.head_name == "eomt":
+        if self.spec.mask_classification:
             return self.head.semantic_scores(self.backbone, x)
         return self(x)
 

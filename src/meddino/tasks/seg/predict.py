@@ -14,19 +14,28 @@ of the slices where something was predicted. In a folder, ``*_mask.*`` / ``*_ove
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pydantic import ValidationError
+from safetensors.torch import load_file, save_file
 
+from meddino.data.io import _suffix, is_image_file, is_volume_file, read_image, read_volume, volume_window_range
 from meddino.devices import autocast, pick_device
 from meddino.errors import CheckpointError, DataError, require_file
 from meddino.models.checkpoints import load_into_strict
+from meddino.models.factory import build_from_timm, build_timm_backbone
+from meddino.runlog import atomic_path, atomic_write, write_json
+from meddino.tasks.seg.config import EoMTConfig
 from meddino.tasks.seg.heads import SegmentationModel
 
 MODEL_FORMAT = "meddino-seg"
@@ -60,10 +69,6 @@ def model_meta(model: SegmentationModel, classes: Sequence[str], size: Sequence[
 def save_fold_model(model_dir: Path, model: SegmentationModel, meta: dict[str, Any], fold: int,
                     info: dict[str, Any]) -> Path:
     """Write ``fold{k}.safetensors`` and update ``model.json`` (atomic writes)."""
-    from safetensors.torch import save_file
-
-    from meddino.runlog import atomic_path, write_json
-
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / f"fold{fold}.safetensors"
     state = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
@@ -76,8 +81,6 @@ def save_fold_model(model_dir: Path, model: SegmentationModel, meta: dict[str, A
 
 def build_from_meta(meta: dict[str, Any]) -> SegmentationModel:
     """Rebuild the (randomly initialised) module described by ``model.json``."""
-    from meddino.models.factory import build_from_timm, build_timm_backbone
-
     arch = meta.get("backbone_arch")
     backbone = None
     if arch is not None:
@@ -85,19 +88,25 @@ def build_from_meta(meta: dict[str, Any]) -> SegmentationModel:
             backbone = build_timm_backbone(arch["timm_name"])
         else:
             backbone = build_from_timm(arch["timm_name"], arch["version"], dict(arch.get("kwargs", {})))
-    eomt = meta.get("eomt") or {}
     return SegmentationModel(
         backbone, meta["head"], len(meta["classes"]), freeze_backbone=meta.get("freeze_backbone", True),
-        unet_blocks=meta.get("unet_blocks"),
-        eomt={k: eomt[k] for k in ("num_queries", "num_blocks") if k in eomt},
+        unet_blocks=meta.get("unet_blocks"), eomt=_eomt_config(meta.get("eomt")),
         monai_channels=meta.get("monai_channels") or (16, 32, 64, 128, 256),
     )
 
 
+def _eomt_config(recorded: dict[str, Any] | None) -> EoMTConfig:
+    """``model.json``'s ``eomt`` entry (None for other heads) -> the typed config; keys this version does not
+    know are left out, so a model written by another version still loads."""
+    known = {k: v for k, v in (recorded or {}).items() if k in EoMTConfig.model_fields}
+    try:
+        return EoMTConfig.model_validate(known)
+    except ValidationError as exc:
+        raise CheckpointError(f"model.json: invalid eomt entry ({str(exc).splitlines()[0]})") from None
+
+
 def load_seg_model(path: str | Path, fold: int | None = None) -> tuple[SegmentationModel, dict[str, Any]]:
     """A run folder (or its ``model/`` folder) -> (model in eval mode, meta). Default fold: best val Dice."""
-    from safetensors.torch import load_file
-
     p = require_file(path, "model")
     model_dir = p / "model" if (p / "model" / "model.json").exists() else p
     meta_path = model_dir / "model.json"
@@ -182,22 +191,15 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, colors: np.ndarray, alpha: float 
 
 
 def write_png_mask(path: Path, mask: np.ndarray) -> None:
-    from meddino.runlog import atomic_path
-
     with atomic_path(path) as tmp:
         Image.fromarray(mask.astype(np.uint8), mode="L").save(tmp, format="PNG")
 
 
 def write_volume_mask(path: Path, mask_zyx: np.ndarray, reference: Path) -> Path:
     """Write a [D, H, W] label volume with the geometry of ``reference`` (NIfTI: its affine and header)."""
-    from meddino.data.io import _suffix
-    from meddino.runlog import atomic_path, atomic_write
-
     suffix = _suffix(reference)
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix in (".nii", ".nii.gz"):
-        import nibabel as nib
-
         ref = nib.load(str(reference))
         data = np.transpose(mask_zyx.astype(np.uint8), (2, 1, 0))  # back to the file's (x, y, z)
         header = ref.header.copy()
@@ -205,14 +207,10 @@ def write_volume_mask(path: Path, mask_zyx: np.ndarray, reference: Path) -> Path
         header.set_slope_inter(1.0, 0.0)
         raw = nib.Nifti1Image(data, ref.affine, header).to_bytes()
         if path.name.endswith(".gz"):
-            import gzip
-
             raw = gzip.compress(raw, compresslevel=6)
         with atomic_write(path) as fh:
             fh.write(raw)
         return path
-    import SimpleITK as sitk
-
     ref = sitk.ReadImage(str(reference))
     img = sitk.GetImageFromArray(mask_zyx.astype(np.uint8))
     if img.GetSize() == ref.GetSize():
@@ -223,8 +221,6 @@ def write_volume_mask(path: Path, mask_zyx: np.ndarray, reference: Path) -> Path
 
 
 def volume_mask_name(reference: Path) -> str:
-    from meddino.data.io import _suffix
-
     suffix = _suffix(reference)
     stem = reference.name[: -len(suffix)] if suffix else reference.name
     return f"{stem}_mask{'.nii.gz' if suffix in ('.nii', '.nii.gz') else suffix}"
@@ -232,15 +228,11 @@ def volume_mask_name(reference: Path) -> str:
 
 def _is_label_file(rel: Path) -> bool:
     """Masks and overlays beside the images (``*_mask.*``, ``*_overlay.*``, ``labelsTr/``) are no inputs."""
-    from meddino.data.io import _suffix
-
     stem = rel.name[: -len(_suffix(rel))] if _suffix(rel) else rel.name
     return stem.endswith(("_mask", "_overlay")) or any(p.lower().startswith("labels") for p in rel.parts[:-1])
 
 
 def _inputs(path: Path) -> list[Path]:
-    from meddino.data.io import is_image_file, is_volume_file
-
     if path.is_file():
         if not (is_image_file(path) or is_volume_file(path)):
             raise DataError(f"{path}: not an image or volume file")
@@ -254,8 +246,6 @@ def _inputs(path: Path) -> list[Path]:
 
 def run_predict_seg(cfg: Any) -> int:
     """``meddino predict seg``: masks + overlays for an image, a folder or a volume."""
-    from meddino.data.io import is_volume_file, read_image, read_volume, volume_window_range
-
     device = pick_device(cfg.device)
     model, meta = load_seg_model(cfg.model, cfg.fold)
     model.to(device)
@@ -280,8 +270,6 @@ def run_predict_seg(cfg: Any) -> int:
             mask_path = write_volume_mask(target_dir / volume_mask_name(f), pred, f)
             ov_dir = target_dir / (mask_path.name.split("_mask")[0] + "_overlay")
             for z in np.nonzero(pred.reshape(len(pred), -1).max(1) > 0)[0]:
-                from meddino.runlog import atomic_path
-
                 ov_dir.mkdir(parents=True, exist_ok=True)
                 with atomic_path(ov_dir / f"slice_{int(z):04d}.png") as tmp:
                     Image.fromarray(overlay(frames[z], pred[z], colors, cfg.overlay_alpha)).save(tmp, format="PNG")
@@ -290,8 +278,6 @@ def run_predict_seg(cfg: Any) -> int:
             pred = predict_frames(model, rgb[None], size, mean, std, device, cfg.batch_size)[0]
             stem = rel.name.rsplit(".", 1)[0]
             write_png_mask(target_dir / f"{stem}_mask.png", pred)
-            from meddino.runlog import atomic_path
-
             with atomic_path(target_dir / f"{stem}_overlay.png") as tmp:
                 Image.fromarray(overlay(rgb, pred, colors, cfg.overlay_alpha)).save(tmp, format="PNG")
         n_written += 1

@@ -41,11 +41,14 @@ import torch.nn.functional as F
 from meddino.devices import autocast, pick_device, seed_everything
 from meddino.errors import ConfigError, DataError
 from meddino.metrics.segmentation import aggregate_seg, foreground_dice, per_class_seg_metrics
+from meddino.models import resolve_backbone
+from meddino.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from meddino.runlog import Progress, RunDir, atomic_write, write_json
 from meddino.tasks.loop import BestSnapshot, EarlyStopping, PlateauScale, backbone_warmup, check_finite
 from meddino.tasks.seg.config import SegConfig
 from meddino.tasks.seg.data import FrameDataset, SegCase, SegData, load_seg_data, make_folds, read_case, scan
-from meddino.tasks.seg.heads import SegmentationModel
+from meddino.tasks.seg.eomt import mask_annealing_probs
+from meddino.tasks.seg.heads import SegmentationModel, head_spec
 from meddino.tasks.seg.predict import (
     model_meta,
     predict_frames,
@@ -58,16 +61,13 @@ from meddino.tasks.seg.predict import (
 ROW_FIELDS = ("image", "patient", "fold", "class", "dice", "jaccard", "hd95", "gt_present", "pred_present")
 
 
-def build_model(cfg: SegConfig, num_classes: int) -> tuple[SegmentationModel, tuple[int, int], tuple, tuple]:
-    """(model, input size (h, w), mean, std) for the config."""
-    from meddino.models import resolve_backbone
+def _backbone(cfg: SegConfig) -> torch.nn.Module | None:
+    return resolve_backbone(cfg.backbone) if head_spec(cfg.head).needs_backbone else None
 
-    backbone = None
-    if cfg.head != "monai_unet":
-        backbone = resolve_backbone(cfg.backbone)
-    eomt = {"num_queries": cfg.eomt.num_queries, "num_blocks": cfg.eomt.num_blocks} if cfg.head == "eomt" else None
-    model = SegmentationModel(backbone, cfg.head, num_classes, freeze_backbone=cfg.freeze_backbone,
-                              unet_blocks=cfg.unet_blocks, eomt=eomt, monai_channels=cfg.monai_channels)
+
+def input_size(cfg: SegConfig, backbone: torch.nn.Module | None, multiple: int) -> tuple[int, int]:
+    """The network input (h, w): ``data.image_size``, else the backbone's pretraining size (224 without
+    one); it must be a multiple of the head's ``multiple``."""
     if cfg.data.image_size is not None:
         s = cfg.data.image_size
         size = (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
@@ -75,17 +75,34 @@ def build_model(cfg: SegConfig, num_classes: int) -> tuple[SegmentationModel, tu
         size = (int(backbone.img_size), int(backbone.img_size))
     else:
         size = (224, 224)
-    mult = model.input_multiple
-    if size[0] % mult or size[1] % mult:
-        raise ConfigError(f"data.image_size {list(size)} must be a multiple of {mult} for head={cfg.head}"
+    if size[0] % multiple or size[1] % multiple:
+        raise ConfigError(f"data.image_size {list(size)} must be a multiple of {multiple} for head={cfg.head}"
                           + (f" on {cfg.backbone}" if backbone is not None else ""))
+    return size
+
+
+def build_model(cfg: SegConfig, num_classes: int) -> tuple[SegmentationModel, tuple[int, int], tuple, tuple]:
+    """(model, input size (h, w), mean, std) for the config."""
+    backbone = _backbone(cfg)
+    model = SegmentationModel(backbone, cfg.head, num_classes, freeze_backbone=cfg.freeze_backbone,
+                              unet_blocks=cfg.unet_blocks, eomt=cfg.eomt, monai_channels=cfg.monai_channels)
+    size = input_size(cfg, backbone, model.input_multiple)
     if backbone is not None:
         mean, std = tuple(backbone.mean), tuple(backbone.std)
     else:
-        from meddino.models.backbone import IMAGENET_MEAN, IMAGENET_STD
-
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     return model, size, mean, std
+
+
+def check_model(cfg: SegConfig) -> None:
+    """What :func:`build_model` would refuse, found without building a model: the backbone spec is resolved
+    (a missing or unreadable checkpoint fails here), the head's registry entry runs its checks on that
+    encoder, and the input size is checked against the head's multiple."""
+    spec = head_spec(cfg.head)
+    backbone = _backbone(cfg)
+    options = spec.options(cfg)
+    spec.validate(backbone, options)
+    input_size(cfg, backbone, spec.input_multiple(backbone, options))
 
 
 @torch.no_grad()
@@ -133,16 +150,11 @@ def train_fold(cfg: SegConfig, data: SegData, fold: Any, run: Any, device: torch
     steps_per_epoch = len(loader) if tc.max_steps_per_epoch is None else min(len(loader), tc.max_steps_per_epoch)
     total_steps = max(1, tc.epochs * steps_per_epoch)
     amp = tc.amp and device.type == "cuda"
-    eomt = cfg.head == "eomt"
+    spec = head_spec(cfg.head)
+    eomt = spec.mask_classification
     criterion = None
-    if eomt:
-        from meddino.tasks.seg.eomt import MaskClassificationLoss, mask_annealing_probs
-
-        e = cfg.eomt
-        criterion = MaskClassificationLoss(
-            data.num_classes, data.ignore_index, num_points=e.num_points, oversample_ratio=e.oversample_ratio,
-            importance_ratio=e.importance_ratio, no_object_weight=e.no_object_weight, mask_weight=e.mask_weight,
-            dice_weight=e.dice_weight, class_weight=e.class_weight).to(device)
+    if spec.criterion is not None:
+        criterion = spec.criterion(data.num_classes, data.ignore_index, spec.options(cfg)).to(device)
     plateau = PlateauScale(tc.plateau_patience, tc.plateau_factor)
     # strictly higher val Dice than the best so far (-inf to start: epoch 0 always counts, its Dice is never
     # NaN); a tie keeps the earlier epoch; stop after train.early_stop epochs without improvement
@@ -241,8 +253,9 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def run_eval_seg(cfg: SegConfig) -> int:
     device = pick_device(cfg.train.device)
+    spec = head_spec(cfg.head)
     data = load_seg_data(cfg.data, check=False)  # cases and classes only
-    build_model(cfg, data.num_classes)  # backbone, head and input size are checked before the slow mask scan
+    check_model(cfg)  # backbone, head and input size are checked before the slow mask scan
     scan(data)
     folds = make_folds(data, cfg.data, cfg.seed)
     run = RunDir(cfg.out, cfg, tensorboard=False)
@@ -253,9 +266,7 @@ def run_eval_seg(cfg: SegConfig) -> int:
     for fold in folds:
         model, info, size, mean, std = train_fold(cfg, data, fold, run, device, cfg.seed + 1000 * fold.index)
         if meta is None:
-            eomt = cfg.eomt.model_dump() if cfg.head == "eomt" else None
-            if eomt is not None:
-                eomt["num_blocks"] = model.head.num_blocks
+            eomt = spec.record(model.head, model.options) if spec.record is not None else None
             meta = model_meta(model, data.classes, size, mean, std, data.ignore_index, data.name,
                               window=cfg.data.window, eomt=eomt, monai_channels=cfg.monai_channels)
             meta["params_total"] = sum(p.numel() for p in model.parameters())
@@ -277,13 +288,13 @@ def run_eval_seg(cfg: SegConfig) -> int:
     results = {
         "task": "segmentation",
         "protocol": cfg.head,
-        "model": cfg.model_name or (cfg.backbone if cfg.head != "monai_unet" else "monai_unet (from scratch)"),
+        "model": cfg.model_name or (cfg.backbone if spec.needs_backbone else f"{cfg.head} (from scratch)"),
         "dataset": cfg.dataset_name or data.name,
         "level": "patient",
         "metrics": agg,
         "hd95_unit": "mm" if data.volumetric else "pixel",
         "classes": data.classes,
-        "frozen_backbone": cfg.freeze_backbone if cfg.head != "monai_unet" else None,
+        "frozen_backbone": cfg.freeze_backbone if spec.needs_backbone else None,
         "input_size": list(meta["input_size"]) if meta else None,
         "params_total": meta.get("params_total") if meta else None,
         "params_trainable": meta.get("params_trainable") if meta else None,
