@@ -8,8 +8,6 @@ from pydantic import Field, model_validator
 
 from meddino.config import Schema
 
-HEADS = ("linear", "unet", "eomt", "monai_unet")
-
 #: Seed 000 leaves out CholecSeg8k's low-prevalence classes (names as in :data:`.data.CHOLECSEG8K_CLASSES`).
 SEED000_EXCLUDED = ["blood", "cystic duct", "hepatic vein", "liver ligament"]
 
