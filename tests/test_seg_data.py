@@ -15,20 +15,11 @@ from PIL import Image
 
 from meddino.errors import ConfigError, DataError
 from meddino.models import build_backbone
+from meddino.data.seg_layouts import read_case
+from meddino.data.seg_masks import CHOLECSEG8K_GREY, CHOLECSEG8K_RGB, cholecseg8k_table, decode_color_mask
 from meddino.tasks.seg.config import SegDataConfig
-from meddino.tasks.seg.data import (
-    CHOLECSEG8K_GREY,
-    CHOLECSEG8K_RGB,
-    FrameDataset,
-    augment,
-    cholecseg8k_table,
-    decode_color_mask,
-    load_seg_data,
-    make_folds,
-    patient_folds,
-    read_case,
-    split_val,
-)
+from meddino.tasks.seg.data import FrameDataset, augment, load_seg_data
+from meddino.tasks.seg.folds import make_folds, patient_folds, split_val
 from meddino.tasks.seg.heads import SegmentationModel, UNetDecoder, default_unet_blocks
 
 # CholecSeg8k grey codes of the classes drawn in the fixtures

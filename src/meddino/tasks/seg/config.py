@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from meddino.config import Schema
 
-#: Seed 000 leaves out CholecSeg8k's low-prevalence classes (names as in :data:`.data.CHOLECSEG8K_CLASSES`).
+#: Seed 000 leaves out CholecSeg8k's low-prevalence classes (names as in :data:`meddino.data.seg_masks.CHOLECSEG8K_CLASSES`).
 SEED000_EXCLUDED = ["blood", "cystic duct", "hepatic vein", "liver ligament"]
 
 

@@ -110,7 +110,7 @@ def monai_multiple(channels: Sequence[int]) -> int:
 
 
 def _monai_unet_class() -> type[nn.Module]:
-    try:  # MONAI is an optional dependency, imported only when this head is asked for
+    try:  # heavy and needed by this head only: imported when it is built; a missing MONAI names the head
         from monai.networks.nets import UNet
     except ImportError:
         raise ConfigError("head=monai_unet needs MONAI (pip install monai)") from None

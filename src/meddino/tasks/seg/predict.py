@@ -30,6 +30,8 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from meddino.data.io import _suffix, is_image_file, is_volume_file, read_image, read_volume, volume_window_range
+from meddino.data.seg_masks import CHOLECSEG8K_CLASSES, CHOLECSEG8K_RGB
+from meddino.data.transforms import to_tensor
 from meddino.devices import autocast, pick_device
 from meddino.errors import CheckpointError, DataError, require_file
 from meddino.models.checkpoints import load_into_strict
@@ -145,13 +147,11 @@ def predict_frames(model: SegmentationModel, frames: np.ndarray, size: Sequence[
     Frames are resized (bicubic) to the network input; class scores are resized back (bilinear) before
     the argmax, so metrics are computed at the native resolution.
     """
-    from meddino.tasks.seg.data import to_input
-
     model.eval()
     out = np.zeros(frames.shape[:3], dtype=np.uint8)
     h, w = frames.shape[1:3]
     for start in range(0, len(frames), batch_size):
-        x = to_input(frames[start : start + batch_size], tuple(size), mean, std).to(device)
+        x = to_tensor(frames[start : start + batch_size], tuple(size), mean, std).to(device)
         with autocast(device, enabled=amp):
             scores = model.class_scores(x)
         scores = F.interpolate(scores.float(), size=(h, w), mode="bilinear", align_corners=False)
@@ -164,8 +164,6 @@ def palette(classes: Sequence[str], dataset: str | None = None) -> np.ndarray:
     fixed palette (background black)."""
     n = len(classes)
     if dataset == "cholecseg8k":
-        from meddino.tasks.seg.data import CHOLECSEG8K_CLASSES, CHOLECSEG8K_RGB
-
         by_name = dict(zip(CHOLECSEG8K_CLASSES, CHOLECSEG8K_RGB))
         if all(c in by_name for c in classes):
             return np.asarray([by_name[c] for c in classes], dtype=np.uint8)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from meddino.data.seg_layouts import SegCase, SegData, read_case, scan
 from meddino.devices import autocast, pick_device, seed_everything
 from meddino.errors import ConfigError, DataError
 from meddino.metrics.segmentation import aggregate_seg, foreground_dice, per_class_seg_metrics
@@ -46,8 +47,9 @@ from meddino.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from meddino.runlog import Progress, RunDir, atomic_write, write_json
 from meddino.tasks.loop import BestSnapshot, EarlyStopping, PlateauScale, backbone_warmup, check_finite
 from meddino.tasks.seg.config import SegConfig
-from meddino.tasks.seg.data import FrameDataset, SegCase, SegData, load_seg_data, make_folds, read_case, scan
+from meddino.tasks.seg.data import FrameDataset, load_seg_data
 from meddino.tasks.seg.eomt import mask_annealing_probs
+from meddino.tasks.seg.folds import make_folds
 from meddino.tasks.seg.heads import SegmentationModel, head_spec
 from meddino.tasks.seg.predict import (
     model_meta,
