@@ -8,7 +8,12 @@ import numpy as np
 import torch
 
 from meddino.config import Schema
+from meddino.data.io import is_dicom_file, is_image_file, read_image
+from meddino.data.transforms import to_tensor
 from meddino.errors import ConfigError, DataError
+from meddino.models import resolve_backbone
+from meddino.runlog import RunDir, atomic_path, write_json
+from meddino.viz.pca import cls_attention_maps, patch_feature_grids, pca_rgb
 
 
 class VizConfig(Schema):
@@ -24,8 +29,6 @@ class VizConfig(Schema):
 
 
 def list_images(paths: list[str], limit: int) -> list[Path]:
-    from meddino.data.io import is_dicom_file, is_image_file
-
     found: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
@@ -42,9 +45,6 @@ def list_images(paths: list[str], limit: int) -> list[Path]:
 
 def load_batch(paths: list[Path], size: int, mean, std) -> tuple[torch.Tensor, list[np.ndarray]]:
     """Images -> (normalised [B,3,size,size] tensor, the resized uint8 RGB images for display)."""
-    from meddino.data.io import read_image
-    from meddino.data.transforms import to_tensor
-
     tensors, shown = [], []
     for path in paths:
         unit = to_tensor(read_image(path), size, (0.0,) * 3, (1.0,) * 3)  # resized, in [0, 1]
@@ -54,14 +54,10 @@ def load_batch(paths: list[Path], size: int, mean, std) -> tuple[torch.Tensor, l
 
 
 def run_pca(cfg: VizConfig) -> Path:
-    import matplotlib
+    import matplotlib  # why: the Agg backend is chosen when a figure is drawn, not as a side effect of import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from meddino.models import resolve_backbone
-    from meddino.runlog import RunDir, atomic_path, write_json
-    from meddino.viz.pca import cls_attention_maps, patch_feature_grids, pca_rgb
 
     if not cfg.backbones:
         raise ConfigError("viz pca: give at least one --backbone")

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from meddino.data.manifest import Manifest, read_manifest
-from meddino.errors import ConfigError
-from meddino.tasks.classify.config import ClassifyConfig
 from meddino.devices import pick_device
+from meddino.errors import ConfigError
+from meddino.models import resolve_backbone
+from meddino.runlog import RunDir
+from meddino.tasks.classify.config import ClassifyConfig
 from meddino.tasks.classify.embed import EmbeddingCache, embed_manifest, load_cache, save_cache
 
 
@@ -25,8 +27,6 @@ def load_manifest(cfg: ClassifyConfig, check_files: bool = True) -> Manifest:
 
 
 def load_backbone(cfg: ClassifyConfig, drop_path_rate: float = 0.0) -> nn.Module:
-    from meddino.models import resolve_backbone
-
     if not cfg.backbone:
         raise ConfigError("backbone: give a checkpoint path, random:<arch> or timm:<name> (backbone=...)")
     return resolve_backbone(cfg.backbone, img_size=cfg.data.img_size, drop_path_rate=drop_path_rate)
@@ -72,8 +72,6 @@ def get_cache(cfg: ClassifyConfig, out: Path, manifest: Manifest | None = None) 
 
 def run_embed(cfg: ClassifyConfig, manifest: Manifest | None = None) -> int:
     """``meddino embed``: write the cache to ``out``."""
-    from meddino.runlog import RunDir
-
     run = RunDir(cfg.out, cfg, tensorboard=False)
     cache = compute_cache(cfg, run.path, manifest)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in cache.features.items())

@@ -31,8 +31,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from meddino.data.io import read_image, read_volume, volume_slices
 from meddino.data.manifest import Manifest
 from meddino.data.transforms import to_tensor
 from meddino.devices import autocast
@@ -61,8 +63,6 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from meddino.data.io import read_image
-
         x = to_tensor(read_image(self.paths[i], size_hint=self.img_size), self.img_size, self.mean, self.std)
         if self.hflip > 0 and float(torch.rand(())) < self.hflip:
             x = x.flip(-1)
@@ -100,8 +100,6 @@ def feature_set(features: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
 def _volume_batches(path: Path, axis: int, min_fg: float | None, img_size: int, mean: tuple[float, ...],
                     std: tuple[float, ...], batch_size: int) -> Iterator[torch.Tensor]:
-    from meddino.data.io import read_volume, volume_slices
-
     vol, _ = read_volume(path)
     slices = [s for _, _, s in volume_slices(vol, axes=(axis,), min_foreground=min_fg)]
     if not slices:  # every slice near-empty: use them all rather than nothing
@@ -169,8 +167,6 @@ class EmbeddingCache:
 
 
 def save_cache(out: Path, features: dict[str, torch.Tensor], m: Manifest, meta: dict[str, Any]) -> Path:
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -201,8 +197,6 @@ def save_cache(out: Path, features: dict[str, torch.Tensor], m: Manifest, meta: 
 
 
 def load_cache(path: str | Path) -> EmbeddingCache:
-    from safetensors.torch import load_file
-
     root = Path(path).expanduser()
     for name in ("features.safetensors", "rows.csv", "embeddings.json"):
         if not (root / name).is_file():

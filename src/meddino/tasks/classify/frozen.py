@@ -27,17 +27,22 @@ import torch
 import torch.nn.functional as F
 
 from meddino.data.manifest import Manifest
+from meddino.data.splits import patient_index, patient_majority
 from meddino.errors import DataError
 from meddino.metrics.classification import accuracy, auroc, predict_labels
 from meddino.metrics.knn import knn_scores
+from meddino.runlog import RunDir
+from meddino.tasks.classify.common import get_cache, model_name
 from meddino.tasks.classify.results import (
     evaluate,
+    headline,
     metric_inputs,
     prediction_rows,
     summarize,
     write_predictions,
     write_results,
 )
+from meddino.tasks.classify.units import make_units
 
 # --------------------------------------------------------------------------------------------- pure math
 
@@ -250,8 +255,6 @@ def patient_groups(patients: np.ndarray, labels: np.ndarray, task: str, names: l
     Single-label: a patient belongs to the class of the majority of its rows. Multi-label: a patient is a
     candidate for every label it is positive for on any row, and for ``"none"`` when it has no positive.
     """
-    from meddino.data.splits import patient_index, patient_majority
-
     uniq, inverse = patient_index(patients)
     groups: dict[str, list[str]] = {}
     if labels.ndim == 1:
@@ -289,15 +292,10 @@ def fewshot_draw(patients: np.ndarray, labels: np.ndarray, task: str, names: lis
 
 # -------------------------------------------------------------------------------------------- protocols
 def _out_dir(cfg: Any) -> Path:
-    from meddino.runlog import RunDir
-
     return RunDir(cfg.out, cfg, tensorboard=False).path
 
 
 def _context(cfg: Any, need_val: bool, manifest: Manifest | None) -> tuple[Path, Any, Manifest, list[Any], str]:
-    from meddino.tasks.classify.common import get_cache, model_name
-    from meddino.tasks.classify.units import make_units
-
     out = _out_dir(cfg)
     cache = get_cache(cfg, out, manifest)
     m = cache.manifest
@@ -440,8 +438,6 @@ def run_fewshot(cfg: Any, manifest: Manifest | None = None) -> int:
 
 
 def _print_summary(protocol: str, out: Path, summary: dict[str, Any], level: str, what: str) -> None:
-    from meddino.tasks.classify.results import headline
-
     used, metrics = headline(summary, level)
     parts = [f"{k} {metrics[k]['mean']:.4f} +/- {metrics[k]['std']:.4f}" for k in ("auroc", "accuracy")
              if metrics[k]["mean"] is not None and np.isfinite(metrics[k]["mean"])]

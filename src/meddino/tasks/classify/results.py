@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from meddino import __version__
 from meddino.data.manifest import Manifest
 from meddino.errors import DataError
 from meddino.metrics.classification import aggregate_by_patient, classification_metrics, summarize_folds
@@ -135,8 +136,6 @@ def write_results(out: Path, *, protocol: str, model: str, backbone: str | None,
                   predictions: dict[str, str], primary: str, threshold: float = 0.5,
                   extra: dict[str, Any] | None = None) -> Path:
     """``results.json``: the summary every protocol writes (keys documented in docs/classification.md)."""
-    from meddino import __version__
-
     used_level, metrics = headline(summary, level)
     payload: dict[str, Any] = {
         "task": "classification",
