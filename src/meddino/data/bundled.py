@@ -14,11 +14,14 @@ neighbouring slices, so a patient-level split never puts adjacent, near-identica
 from __future__ import annotations
 
 import csv
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from meddino.data.io import read_image
 
 AXIS_NAMES = ("sagittal", "coronal", "axial")
 LEVELS = ("low", "middle", "high")
@@ -44,7 +47,7 @@ def _square_resize(arr: np.ndarray, size: int, resample: int) -> np.ndarray:
 
 
 def _load_mni() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from nilearn import datasets
+    from nilearn import datasets  # why: nilearn is slow to import; only the demo's MNI volume needs it
 
     def arr(img) -> np.ndarray:
         return np.asarray(img.get_fdata(), dtype=np.float32)
@@ -57,8 +60,8 @@ def _load_mni() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _bundled_dicoms() -> list[Path]:
-    import pydicom
-    from pydicom.data import get_testdata_file
+    import pydicom  # why: pydicom only for the demo's sample DICOMs
+    from pydicom.data import get_testdata_file  # why: as above
 
     names = ["CT_small.dcm", "MR_small.dcm", "693_J2KI.dcm", "examples_overlay.dcm", "image_dfl.dcm",
              "examples_palette.dcm", "JPEG2000.dcm"]
@@ -84,7 +87,6 @@ def build_demo_data(root: str | Path, size: int = 64, step: int = 2, block: int 
     if done.exists() and done.read_text() == stamp:
         data.viz_images = sorted((root / "viz").glob("*"))
         return data
-    import shutil
 
     for sub in ("unlabeled", "slices", "masks", "viz"):
         shutil.rmtree(root / sub, ignore_errors=True)
@@ -123,7 +125,6 @@ def build_demo_data(root: str | Path, size: int = 64, step: int = 2, block: int 
     for dicom in _bundled_dicoms():
         target = root / "unlabeled" / dicom.name
         target.write_bytes(dicom.read_bytes())
-    from meddino.data.io import read_image
 
     for name in ("CT_small.dcm", "MR_small.dcm"):
         if (root / "unlabeled" / name).exists():

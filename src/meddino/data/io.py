@@ -249,8 +249,8 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------- DICOM
 def _dcmread(path: Path, stop_before_pixels: bool = False) -> Any:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    import pydicom  # why: pydicom (~0.5 s) only when a DICOM file is read
+    from pydicom.errors import InvalidDicomError  # why: as above
 
     try:
         if path.stat().st_size == 0:
@@ -328,21 +328,21 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[float, 
     suffix = _suffix(p)
     try:
         if suffix in (".nii", ".nii.gz"):
-            import nibabel as nib
+            import nibabel as nib  # why: format reader, only for its files
 
             img = nib.load(str(p))
             data = np.asarray(img.dataobj, dtype=np.float32)
             zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
             data, zooms = _xyz_to_zyx(data, zooms)
         elif suffix in (".nrrd", ".nhdr"):
-            import nrrd
+            import nrrd  # why: format reader, only for its files
 
             raw, header = nrrd.read(str(p))
             data = np.asarray(raw, dtype=np.float32)
             zooms = _nrrd_spacing(header, data.ndim)
             data, zooms = _xyz_to_zyx(data, zooms)
         elif suffix in (".mha", ".mhd"):
-            import SimpleITK as sitk
+            import SimpleITK as sitk  # why: format reader, only for its files
 
             img = sitk.ReadImage(str(p))
             if img.GetNumberOfComponentsPerPixel() > 1:
@@ -391,15 +391,15 @@ def volume_shape(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     suffix = _suffix(p)
     try:
         if suffix in (".nii", ".nii.gz"):
-            import nibabel as nib
+            import nibabel as nib  # why: format reader, only for its files
 
             shape = tuple(int(s) for s in nib.load(str(p)).shape[:3])
         elif suffix in (".nrrd", ".nhdr"):
-            import nrrd
+            import nrrd  # why: format reader, only for its files
 
             shape = tuple(int(s) for s in nrrd.read_header(str(p))["sizes"][:3])
         elif suffix in (".mha", ".mhd"):
-            import SimpleITK as sitk
+            import SimpleITK as sitk  # why: format reader, only for its files
 
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(p))

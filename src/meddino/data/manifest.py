@@ -30,6 +30,7 @@ import numpy as np
 
 from meddino.data.io import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS, is_dicom_file, is_image_file, is_volume_file
 from meddino.errors import ConfigError, DataError
+from meddino.runlog import atomic_write
 
 __all__ = [
     "CHEXPERT_COMPETITION_LABELS",
@@ -237,8 +238,6 @@ def _is_int(v: str) -> bool:
 # ---------------------------------------------------------------------------------------------- writing
 def write_manifest(path: str | Path, rows: Sequence[dict[str, object]], columns: Sequence[str]) -> Path:
     """Write rows (``image`` given as a path; made relative to the CSV folder when possible) atomically."""
-    from meddino.runlog import atomic_write
-
     out = Path(path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     base = out.parent.resolve()

@@ -55,6 +55,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+from meddino.data import io
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -233,10 +236,6 @@ class MultiCropAugmentation:
         return self.apply(src, views, full_h, full_w)
 
     def _load(self, image: Any, generator: torch.Generator) -> tuple[torch.Tensor, list[ViewParams], tuple[int, int]]:
-        from PIL import Image
-
-        from meddino.data import io
-
         if isinstance(image, (str, os.PathLike)):
             path = Path(image)
             if not io.is_dicom_file(path):
@@ -255,9 +254,7 @@ class MultiCropAugmentation:
                 return _hwc_to_chw(arr), views, (height, width)
             image = io.read_image(path)
         if isinstance(image, Image.Image):
-            from meddino.data.io import pil_to_rgb
-
-            image = pil_to_rgb(image)
+            image = io.pil_to_rgb(image)
         if isinstance(image, np.ndarray):
             if image.ndim == 2:
                 image = np.repeat(image[..., None], 3, axis=2)

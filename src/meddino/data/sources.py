@@ -41,9 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from meddino.data import io
+from meddino.data.multicrop import sample_generator
+from meddino.data.video import read_frame_at, sample_times, video_duration
 from meddino.errors import DataError, UserError
 
 KIND_IMAGE, KIND_DICOM, KIND_FRAME, KIND_SLICE = 0, 1, 2, 3
@@ -105,8 +107,6 @@ def collate_skip_none(batch: Sequence[Any], collate: Callable[[list[Any]], Any] 
 
     Returns ``(batch or None when nothing is left, skipped sentinels)``; ``len(skipped)`` is the count.
     """
-    from torch.utils.data import default_collate
-
     kept = [item for item in batch if item is not None and not isinstance(item, Skipped)]
     skipped = [item if isinstance(item, Skipped) else Skipped("<unknown>", "dataset returned None")
                for item in batch if item is None or isinstance(item, Skipped)]
@@ -254,8 +254,6 @@ class PretrainSource(Dataset):
             params.append(0.0)
             axes.append(0)
         elif io.is_video_file(path):
-            from meddino.data.video import sample_times, video_duration
-
             for t in sample_times(video_duration(path), self.fps):
                 kinds.append(KIND_FRAME)
                 file_idx.append(fid)
@@ -315,8 +313,6 @@ class PretrainSource(Dataset):
         if kind == KIND_DICOM:
             return io.read_image(path, window=self.window)
         if kind == KIND_FRAME:
-            from meddino.data.video import read_frame_at
-
             return read_frame_at(path, float(self.params[index]))
         volume, lo, hi = self._volume(int(self.file_index[index]))
         return io.volume_slice(volume, int(self.slice_axes[index]), int(self.params[index]), lo, hi)
@@ -343,8 +339,6 @@ class PretrainSource(Dataset):
             if self.transform is None:
                 return io.read_image(sample) if isinstance(sample, str) else sample
             if self._takes_generator:
-                from meddino.data.multicrop import sample_generator
-
                 out = self.transform(sample, generator=sample_generator(self.seed, epoch, index))
             else:
                 if isinstance(sample, str):

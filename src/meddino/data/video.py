@@ -20,16 +20,19 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 from pydantic import Field
 
 from meddino.config import Schema
-from meddino.errors import DataError, first_line
+from meddino.data.io import is_video_file
+from meddino.errors import DataError, first_line, require_file
+from meddino.runlog import Progress, atomic_path, atomic_write
 
 _EPS = 1e-6
 
 
 def _open(path: str | os.PathLike[str]):  # -> (container, stream)
-    import av
+    import av  # why: PyAV only when a video is decoded
 
     p = Path(path)
     if not p.exists():
@@ -89,7 +92,7 @@ def iter_video_frames(
     ``fill_gaps``: a gap in a variable-frame-rate stream repeats the next frame for every sampling time it
     skipped, so that index k always means time k / fps (what per-frame annotations at ``fps`` need).
     An undecodable file (or one that yields no frame) raises DataError naming it."""
-    import av
+    import av  # why: PyAV only when a video is decoded
 
     container, stream = _open(path)
     start = _start(stream)
@@ -125,7 +128,7 @@ def read_frame_at(path: str | os.PathLike[str], time_s: float) -> np.ndarray:
 
     Seeks to the keyframe before ``time_s`` and decodes forward, so random access costs at most one GOP.
     """
-    import av
+    import av  # why: PyAV only when a video is decoded
 
     container, stream = _open(path)
     start = _start(stream)
@@ -160,10 +163,6 @@ def extract_frames(video: str | os.PathLike[str], out_dir: str | os.PathLike[str
     Returns ``[(path, time_s), ...]``. Files are written whole (temp file + rename), so an interrupted
     extraction never leaves a half-written frame behind.
     """
-    from PIL import Image
-
-    from meddino.runlog import atomic_path
-
     fmt = fmt.lower().lstrip(".")
     if fmt not in ("jpg", "jpeg", "png", "webp"):
         raise DataError(f"frame format must be jpg, png or webp, got '{fmt}'")
@@ -183,8 +182,6 @@ def extract_frames(video: str | os.PathLike[str], out_dir: str | os.PathLike[str
 def write_frame_index(rows: list[tuple[Path, str, float]], path: Path) -> None:
     """A CSV manifest ``image,video,time_s`` (image paths relative to the CSV's folder), readable by
     :class:`~meddino.data.sources.PretrainSource`."""
-    from meddino.runlog import atomic_write
-
     with atomic_write(path, "w") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "video", "time_s"])
@@ -205,10 +202,6 @@ class ExtractFramesConfig(Schema):
 
 def run_extract_frames(cfg: ExtractFramesConfig) -> int:
     """Extract frames; a folder's undecodable videos are skipped and counted, a single bad video is an error."""
-    from meddino.data.io import is_video_file
-    from meddino.errors import require_file
-    from meddino.runlog import Progress
-
     src = require_file(cfg.video, "video")
     out = Path(cfg.out).expanduser()
     if src.is_dir():
