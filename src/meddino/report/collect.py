@@ -25,6 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+
+from meddino.metrics.classification import aggregate_by_patient, classification_metrics
+from meddino.metrics.phase import video_metrics
+from meddino.metrics.segmentation import aggregate_seg
+from meddino.runlog import read_metrics
 
 EVAL_TASKS = ("classification", "segmentation", "phase")
 #: sub-folders of a run that never hold another run (saves walking thousands of mask files)
@@ -256,16 +262,12 @@ def _read_profile(path: Path) -> ProfileRun:
 
 
 def _read_pretrain(path: Path) -> PretrainRun:
-    from meddino.runlog import read_metrics
-
     rows = [r for r in read_metrics(path / "metrics.jsonl") if isinstance(r, dict) and "step" in r]
     if not rows:
         raise ValueError("metrics.jsonl has no readable rows")
     config = None
     if (path / "config.yaml").is_file():
         try:
-            import yaml
-
             config = yaml.safe_load((path / "config.yaml").read_text())
         except Exception:  # noqa: BLE001 - a broken config only loses the run's description
             config = None
@@ -361,8 +363,6 @@ class ClassificationRows:
         self._rows = [np.flatnonzero(code == i) for i in range(len(units))]
 
     def scores(self, drawn: np.ndarray) -> dict[str, float]:
-        from meddino.metrics.classification import classification_metrics
-
         idx = np.concatenate([self._rows[i] for i in drawn]) if len(drawn) else np.array([], dtype=int)
         if idx.size == 0:
             return {}
@@ -373,8 +373,6 @@ class ClassificationRows:
 
 def load_segmentation(run: EvalRun) -> UnitValues:
     """``predictions/per_image_class.csv`` -> per-patient Dice / Jaccard / HD95 (seed 000 aggregation)."""
-    from meddino.metrics.segmentation import aggregate_seg
-
     path = run.path / "predictions" / "per_image_class.csv"
     if not path.is_file():
         raise ValueError("predictions/per_image_class.csv missing")
@@ -396,8 +394,6 @@ def load_segmentation(run: EvalRun) -> UnitValues:
 def load_phase(run: EvalRun) -> UnitValues:
     """``predictions/*.csv`` (video, true, pred per frame) -> per-video metrics; falls back on the
     ``per_video`` table of results.json when no prediction file is there."""
-    from meddino.metrics.phase import video_metrics
-
     pred_dir = run.path / "predictions"
     files = sorted(pred_dir.glob("*.csv")) if pred_dir.is_dir() else []
     per_video: dict[str, dict[str, float]] = {}
@@ -427,8 +423,6 @@ def load_phase(run: EvalRun) -> UnitValues:
 def load_classification(run: EvalRun) -> ClassificationRows:
     """The primary variant's ``predictions/*.csv`` -> labels and scores, aggregated per patient when the run
     reports patient-level metrics (mean of the patient's scores, as the classification task does)."""
-    from meddino.metrics.classification import aggregate_by_patient
-
     res = run.results
     preds = res.get("predictions") if isinstance(res.get("predictions"), dict) else {}
     rel = preds.get(res.get("primary_variant")) if preds else None

@@ -17,7 +17,7 @@ _DPI = 110
 
 
 def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # why: matplotlib only when a figure is drawn
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=_DPI)
