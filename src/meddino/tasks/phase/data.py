@@ -39,8 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from meddino.data.io import read_image
+from meddino.data.video import iter_video_frames as decode_video
 from meddino.errors import DataError
+from meddino.runlog import atomic_path
 
 CHOLEC80_PHASES = (
     "Preparation",
@@ -392,9 +396,7 @@ def _check_patients(videos: list[PhaseVideo]) -> None:
 def iter_video_frames(path: Path, fps: float) -> Iterator[np.ndarray]:
     """RGB uint8 frames of ``path`` at ``fps``; frame i is the first decoded frame at or after time i / fps
     (gaps in variable-frame-rate streams repeat it), so indices line up with annotations at ``fps``."""
-    from meddino.data.video import iter_video_frames as decode
-
-    for _, _, rgb in decode(path, fps, fill_gaps=True):
+    for _, _, rgb in decode_video(path, fps, fill_gaps=True):
         yield rgb
 
 
@@ -408,8 +410,6 @@ def frame_files(folder: Path) -> list[Path]:
 def iter_source_frames(source: Path, fps: float) -> Iterator[np.ndarray]:
     """Frames of a video file (decoded at ``fps``) or of a frame folder (taken as already at ``fps``)."""
     if source.is_dir():
-        from meddino.data.io import read_image
-
         for f in frame_files(source):
             yield read_image(f)
     else:
@@ -418,8 +418,6 @@ def iter_source_frames(source: Path, fps: float) -> Iterator[np.ndarray]:
 
 def resize_frame(rgb: np.ndarray, size: int) -> np.ndarray:
     """Bicubic resize to ``size x size`` (seed 000 resizes frames bicubically to the backbone resolution)."""
-    from PIL import Image
-
     if rgb.shape[0] == size and rgb.shape[1] == size:
         return np.ascontiguousarray(rgb)
     return np.array(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
@@ -455,8 +453,6 @@ def extract_frames(video: PhaseVideo, fps: float, size: int, cache_dir: Path) ->
     An existing file of the right shape is reused (files are written atomically, so existing = complete).
     The video's labels are truncated to the decoded length (within :func:`label_tolerance`).
     """
-    from meddino.runlog import atomic_path
-
     path = cache_file(cache_dir, video)
     if path.is_file():
         try:

@@ -19,9 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
-from meddino.devices import autocast
+from meddino.devices import autocast, pick_device
 from meddino.errors import CheckpointError, DataError
+from meddino.models import load_backbone
+from meddino.models.checkpoints import load_into_strict
 from meddino.runlog import atomic_write
 from meddino.tasks.phase.data import iter_source_frames, resize_frame
 from meddino.tasks.phase.mstcn import MSTCN, MSTCNConfig, OnlineMSTCN
@@ -43,11 +46,6 @@ class PhasePredictor:
     @classmethod
     def load(cls, run_dir: str | Path, device: torch.device) -> PhasePredictor:
         """Load ``RUN/model/`` (or a ``model`` folder given directly)."""
-        from safetensors.torch import load_file
-
-        from meddino.models import load_backbone
-        from meddino.models.checkpoints import load_into_strict
-
         root = Path(run_dir).expanduser()
         folder = root / "model" if (root / "model").is_dir() else root
         meta_path = folder / "model.json"
@@ -96,8 +94,6 @@ def latency_summary(ms: list[float]) -> dict[str, float]:
 
 def run_predict(cfg: Any) -> int:
     """``meddino predict phase VIDEO --model RUN``: per-frame phase + latency, CSV and a JSON summary line."""
-    from meddino.devices import pick_device
-
     device = pick_device(cfg.device)
     video = Path(cfg.video).expanduser()
     if not video.exists():
