@@ -8,6 +8,7 @@ map to timm's ``_qkvb`` variants, which reproduce the official features exactly.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,13 +72,11 @@ def resolve_arch(arch: str) -> ArchSpec:
     """An alias or a timm ViT name -> :class:`ArchSpec`; unknown names fail with one line."""
     if arch in ALIASES:
         return ALIASES[arch]
-    import timm
+    import timm  # why: archs is reached by `meddino --help` (pretrain.config); timm only for non-alias names
 
     base = arch.split(".")[0]
     version = version_of_timm_name(base)
     if version is None or base not in timm.list_models():
-        import difflib
-
         known = list(ALIASES) + timm.list_models("vit_*")
         close = difflib.get_close_matches(arch, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""

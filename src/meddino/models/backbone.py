@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from meddino.models.pos_embed import install_pos_embed_hook
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -55,8 +57,6 @@ class Backbone(nn.Module):
         self.grad_checkpointing = False
         mode = arch.get("kwargs", {}).get("pos_embed_resample")
         if mode is not None:
-            from meddino.models.pos_embed import install_pos_embed_hook
-
             install_pos_embed_hook(vit, mode)
 
     @property
@@ -66,8 +66,6 @@ class Backbone(nn.Module):
 
     @pos_embed_resample.setter
     def pos_embed_resample(self, mode: str) -> None:
-        from meddino.models.pos_embed import install_pos_embed_hook
-
         install_pos_embed_hook(self.vit, mode)
         self.arch.setdefault("kwargs", {})["pos_embed_resample"] = mode
 

@@ -41,7 +41,7 @@ def apply_dino_drop_path(vit: nn.Module, version: str, rate: float) -> None:
     """Set every block's drop path the way ``version`` does (v1 keeps timm's linear per-sample rule)."""
     if version == "v1" or rate <= 0.0:
         return
-    from timm.layers import DropPath
+    from timm.layers import DropPath  # why: keeps this torch-only module free of timm (seconds to import)
 
     for block in vit.blocks:
         for name in ("drop_path1", "drop_path2"):

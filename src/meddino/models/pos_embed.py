@@ -87,7 +87,7 @@ def resample_pos_embed(
     if (h, w) == (old_h, old_w):
         return pos_embed
     if mode == "timm":
-        from timm.layers import resample_abs_pos_embed
+        from timm.layers import resample_abs_pos_embed  # why: timm (seconds) only for mode 'timm'
 
         return resample_abs_pos_embed(pos_embed, new_size=[h, w], old_size=[old_h, old_w], num_prefix_tokens=0)
     grid = pos_embed.float().reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from meddino.config import Schema
+from meddino.models.archs import ALIASES
 
 Version = Literal["v1", "v2", "v3"]
 
@@ -355,8 +356,6 @@ class PretrainConfig(Schema):
 
 def arch_patch_size(arch: str) -> int | None:
     """Patch size of an architecture alias or timm ViT name (None when it cannot be told from the name)."""
-    from meddino.models.archs import ALIASES
-
     spec = ALIASES.get(arch)
     if spec is not None and "patch_size" in spec.kwargs:
         return int(spec.kwargs["patch_size"])

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from meddino.data.multicrop import MultiCropAugmentation, collate_multicrop, sample_generator
+from meddino.data.sources import KIND_NAMES, PretrainSource, Skipped
 from meddino.errors import ConfigError, DataError
 from meddino.pretrain.config import PretrainConfig
 
@@ -33,8 +34,6 @@ def build_source(cfg: PretrainConfig) -> Any:
     """:class:`meddino.data.sources.PretrainSource` over ``data.path`` (image/DICOM folders, CSV manifests,
     videos sampled at ``data.fps``, volumes sliced along ``data.volume_axes``). The multi-crop is applied
     here (not by the source) so that the per-sample seed can follow the sampler's positions."""
-    from meddino.data.sources import PretrainSource
-
     if not cfg.data.path:
         raise ConfigError("data.path: give a folder of images/videos/DICOM/volumes or a manifest CSV")
     root = Path(cfg.data.path).expanduser()
@@ -48,7 +47,6 @@ def build_source(cfg: PretrainConfig) -> Any:
         raise DataError(f"data.path: no images, videos, DICOM files or volumes found in {root}")
     if d.kind != "auto":
         sample_kind = {"image": "image", "dicom": "dicom", "video": "frame", "volume": "slice"}[d.kind]
-        from meddino.data.sources import KIND_NAMES
 
         keep = np.flatnonzero(np.asarray(source.kinds) == KIND_NAMES.index(sample_kind)).tolist()
         if not keep:
@@ -104,8 +102,6 @@ class CropDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, key: tuple[int, int, int, int]) -> Any:
-        from meddino.data.sources import Skipped
-
         epoch, slot, position, index = key
         gen = sample_generator(self.seed, epoch, position)
         try:

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from meddino.errors import CheckpointError, ConfigError
+from meddino.models.checkpoints import load_into_strict
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,6 @@ def wrap_student(student: nn.Module, env: DistEnv, fsdp: bool = False) -> nn.Mod
     optimiser is built)."""
     if not env.distributed or fsdp:
         return student
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DDP(student, device_ids=ids, forward_sync_buffers=False)
@@ -116,8 +117,8 @@ def shard_fsdp(student: nn.Module, teacher: nn.Module, gram_teacher: nn.Module |
     registered as an FSDP forward method so that calling it (not ``forward``) gathers the backbone's own
     parameters. Works with nccl on GPUs and with gloo on CPU processes.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.device_mesh import init_device_mesh  # why: FSDP2/DTensor only when sharding
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # why: as above
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
 
@@ -148,7 +149,7 @@ def full_state_dict(module: nn.Module, sharded: bool) -> dict[str, torch.Tensor]
     collective, every rank must call it, and only rank 0 receives the tensors -- an empty dict elsewhere)."""
     if not sharded:
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # why: DCP, FSDP2 only
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -159,11 +160,9 @@ def load_full_state_dict(
     """Load a complete (unsharded) state dict, scattering it into the shards under FSDP2; a checkpoint of
     another architecture (e.g. the config changed before ``resume``) is refused with one line."""
     if not sharded:
-        from meddino.models.checkpoints import load_into_strict
-
         load_into_strict(module, state, source)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # why: DCP, FSDP2 only
 
     # a module registered under two names (the shared DINO/iBOT head) appears twice in a state dict; keep
     # the canonical name only, the alias would be copied as a plain tensor into a sharded parameter
