@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
 def pick_device(spec: str = "auto") -> torch.device:
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; an impossible choice is a ConfigError."""
-    import torch
+    import torch  # why: loaded only after the thread settings (module docstring)
 
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,10 +39,8 @@ def pick_device(spec: str = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's global generators (tasks whose runs must repeat exactly)."""
-    import random
-
-    import numpy as np
-    import torch
+    import numpy as np  # why: as torch: its BLAS reads the thread settings when loaded
+    import torch  # why: loaded only after the thread settings (module docstring)
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -51,7 +51,7 @@ def autocast(device: torch.device, enabled: bool = True) -> Any:
     """bf16 autocast on CUDA; nothing (fp32) on CPU."""
     if device.type != "cuda" or not enabled:
         return contextlib.nullcontext()
-    import torch
+    import torch  # why: loaded only after the thread settings (module docstring)
 
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
@@ -158,8 +158,7 @@ def other_processes_load(window_s: float = LOAD_WINDOW_S) -> float:
     would fall to one thread on a quiet machine), and beats a count of runnable tasks, which misses bursty
     neighbours.
     """
-    import resource
-    import time
+    import resource  # why: Unix-only; at the top it would break importing this module elsewhere
 
     cpus = _cpu_set()
     before, own0 = _cpu_ticks(cpus), resource.getrusage(resource.RUSAGE_SELF)
@@ -224,7 +223,7 @@ def configure_cpu_threads() -> int | None:
     threads = choose_num_threads(cores, load, override[1] if override else None)
     if "OMP_NUM_THREADS" not in env and "MKL_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(threads)
-    import torch
+    import torch  # why: loaded only after the thread settings (module docstring)
 
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):

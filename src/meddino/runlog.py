@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from meddino.config import to_yaml
+
 T = TypeVar("T")
 
 
@@ -85,13 +87,11 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self._tb = None
         if config is not None:
-            from meddino.config import to_yaml
-
             with atomic_write(self.path / "config.yaml", "w") as fh:
                 fh.write(to_yaml(config))
         if tensorboard and _is_main_process():
             with contextlib.suppress(ImportError):
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # why: optional (test extra); torch-free module
 
                 self._tb = SummaryWriter(str(self.path / "tensorboard"))
 
@@ -164,7 +164,7 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if self._tty:
-            from rich.progress import (
+            from rich.progress import (  # why: rich only to draw a bar on a TTY
                 BarColumn,
                 MofNCompleteColumn,
                 Progress as RichProgress,
