@@ -65,30 +65,31 @@ Window = str | tuple[float, float] | None
 
 
 # ---------------------------------------------------------------------------------------------- file kinds
-def _suffix(path: str | os.PathLike[str]) -> str:
+def file_suffix(path: str | os.PathLike[str]) -> str:
+    """The lower-case extension that names a file's kind: ``.nii.gz`` counts as one."""
     name = os.fspath(path).lower()
     return ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
     """A 2D image format PIL reads (by extension)."""
-    return _suffix(path) in IMAGE_EXTENSIONS
+    return file_suffix(path) in IMAGE_EXTENSIONS
 
 
 def is_video_file(path: str | os.PathLike[str]) -> bool:
     """A video container PyAV decodes (by extension)."""
-    return _suffix(path) in VIDEO_EXTENSIONS
+    return file_suffix(path) in VIDEO_EXTENSIONS
 
 
 def is_volume_file(path: str | os.PathLike[str]) -> bool:
     """A 3D volume: NIfTI, NRRD or MetaImage (by extension)."""
-    return _suffix(path) in VOLUME_EXTENSIONS
+    return file_suffix(path) in VOLUME_EXTENSIONS
 
 
 def is_dicom_file(path: str | os.PathLike[str], check_magic: bool = True) -> bool:
     """A DICOM file: ``.dcm``/``.dicom``/``.dic``, or (``check_magic``) an extension-less file whose bytes
     128..131 are ``DICM`` (PACS exports often have no extension). Only extension-less files are opened."""
-    suffix = _suffix(path)
+    suffix = file_suffix(path)
     if suffix in DICOM_EXTENSIONS:
         return True
     extensionless = suffix == "" or suffix[1:].isdigit()  # "IM0001", "1.2.840.113619.2.55.3"
@@ -325,7 +326,7 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[float, 
         raise DataError(f"volume not found: {p}")
     if p.stat().st_size == 0:
         raise DataError(f"empty volume file (0 bytes): {p}")
-    suffix = _suffix(p)
+    suffix = file_suffix(p)
     try:
         if suffix in (".nii", ".nii.gz"):
             import nibabel as nib  # why: format reader, only for its files
@@ -388,7 +389,7 @@ def _nrrd_spacing(header: dict[str, Any], ndim: int) -> tuple[float, ...]:
 def volume_shape(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     """``(D, H, W)`` from the header only (no voxel data read), in :func:`read_volume`'s axis order."""
     p = Path(path)
-    suffix = _suffix(p)
+    suffix = file_suffix(p)
     try:
         if suffix in (".nii", ".nii.gz"):
             import nibabel as nib  # why: format reader, only for its files

@@ -58,9 +58,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from meddino.data import io
+from meddino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 VERSIONS = ("v1", "v2", "v3")
 #: (global scale, local scale) per version.

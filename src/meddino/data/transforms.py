@@ -8,6 +8,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# the ImageNet statistics every DINO release normalises with (a checkpoint's JSON may name others)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 def to_tensor(rgb: np.ndarray, img_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float]
               ) -> torch.Tensor:

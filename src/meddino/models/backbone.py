@@ -26,10 +26,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from meddino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from meddino.models.pos_embed import install_pos_embed_hook
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Backbone(nn.Module):

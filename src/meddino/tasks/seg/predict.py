@@ -29,7 +29,7 @@ from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from meddino.data.io import _suffix, is_image_file, is_volume_file, read_image, read_volume, volume_window_range
+from meddino.data.io import file_suffix, is_image_file, is_volume_file, read_image, read_volume, volume_window_range
 from meddino.data.seg_masks import CHOLECSEG8K_CLASSES, CHOLECSEG8K_RGB
 from meddino.data.transforms import to_tensor
 from meddino.devices import autocast, pick_device
@@ -195,7 +195,7 @@ def write_png_mask(path: Path, mask: np.ndarray) -> None:
 
 def write_volume_mask(path: Path, mask_zyx: np.ndarray, reference: Path) -> Path:
     """Write a [D, H, W] label volume with the geometry of ``reference`` (NIfTI: its affine and header)."""
-    suffix = _suffix(reference)
+    suffix = file_suffix(reference)
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix in (".nii", ".nii.gz"):
         ref = nib.load(str(reference))
@@ -219,14 +219,14 @@ def write_volume_mask(path: Path, mask_zyx: np.ndarray, reference: Path) -> Path
 
 
 def volume_mask_name(reference: Path) -> str:
-    suffix = _suffix(reference)
+    suffix = file_suffix(reference)
     stem = reference.name[: -len(suffix)] if suffix else reference.name
     return f"{stem}_mask{'.nii.gz' if suffix in ('.nii', '.nii.gz') else suffix}"
 
 
 def _is_label_file(rel: Path) -> bool:
     """Masks and overlays beside the images (``*_mask.*``, ``*_overlay.*``, ``labelsTr/``) are no inputs."""
-    stem = rel.name[: -len(_suffix(rel))] if _suffix(rel) else rel.name
+    stem = rel.name[: -len(file_suffix(rel))] if file_suffix(rel) else rel.name
     return stem.endswith(("_mask", "_overlay")) or any(p.lower().startswith("labels") for p in rel.parts[:-1])
 
 

@@ -43,7 +43,7 @@ from meddino.devices import autocast, pick_device, seed_everything
 from meddino.errors import ConfigError, DataError
 from meddino.metrics.segmentation import aggregate_seg, foreground_dice, per_class_seg_metrics
 from meddino.models import resolve_backbone
-from meddino.models.backbone import IMAGENET_MEAN, IMAGENET_STD
+from meddino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from meddino.runlog import Progress, RunDir, atomic_write, write_json
 from meddino.tasks.loop import BestSnapshot, EarlyStopping, PlateauScale, backbone_warmup, check_finite
 from meddino.tasks.seg.config import SegConfig
