@@ -13,6 +13,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from scipy import stats
 
+from meddino.data import augment_ops as ops
 from meddino.data import multicrop as mc
 from meddino.data.multicrop import MultiCropAugmentation, ViewParams, collate_multicrop, sample_generator
 from meddino.data.sources import Skipped
@@ -139,10 +140,10 @@ def _float_img(h: int = 20, w: int = 24) -> torch.Tensor:
 @pytest.mark.parametrize("shift", [-0.5, -0.1, 0.0, 0.03, 0.1, 0.5])
 def test_hue_matches_torchvision(shift: float) -> None:
     x = _float_img()
-    torch.testing.assert_close(mc.adjust_hue(x, shift), TF.adjust_hue(x, shift), atol=2e-6, rtol=0)
+    torch.testing.assert_close(ops.adjust_hue(x, shift), TF.adjust_hue(x, shift), atol=2e-6, rtol=0)
     batch = torch.stack([x, x.flip(-1)])
     expected = torch.stack([TF.adjust_hue(x, shift), TF.adjust_hue(x.flip(-1), -shift / 2)])
-    torch.testing.assert_close(mc.adjust_hue(batch, torch.tensor([shift, -shift / 2])), expected, atol=2e-6, rtol=0)
+    torch.testing.assert_close(ops.adjust_hue(batch, torch.tensor([shift, -shift / 2])), expected, atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("factor", [0.6, 1.0, 1.37])
@@ -150,33 +151,33 @@ def test_brightness_contrast_saturation_match_torchvision(factor: float) -> None
     # luma weights: ours are PIL's exact 0.299 (the reference pipeline runs on PIL), torchvision's tensor
     # kernels use 0.2989 -> differences up to 1e-4 (1/40 of a grey level)
     x = _float_img()
-    torch.testing.assert_close(mc.adjust_brightness(x, factor), TF.adjust_brightness(x, factor))
-    torch.testing.assert_close(mc.adjust_contrast(x, factor), TF.adjust_contrast(x, factor), atol=1.5e-4, rtol=0)
-    torch.testing.assert_close(mc.adjust_saturation(x, factor), TF.adjust_saturation(x, factor), atol=1.5e-4, rtol=0)
-    torch.testing.assert_close(mc.rgb_to_gray(x), TF.rgb_to_grayscale(x), atol=1.5e-4, rtol=0)
+    torch.testing.assert_close(ops.adjust_brightness(x, factor), TF.adjust_brightness(x, factor))
+    torch.testing.assert_close(ops.adjust_contrast(x, factor), TF.adjust_contrast(x, factor), atol=1.5e-4, rtol=0)
+    torch.testing.assert_close(ops.adjust_saturation(x, factor), TF.adjust_saturation(x, factor), atol=1.5e-4, rtol=0)
+    torch.testing.assert_close(ops.rgb_to_gray(x), TF.rgb_to_grayscale(x), atol=1.5e-4, rtol=0)
     u8 = (x * 255).round().byte().permute(1, 2, 0).numpy()
     pil_l = np.asarray(Image.fromarray(u8).convert("L")).astype(np.float64)
-    ours = mc.rgb_to_gray(torch.from_numpy(u8).permute(2, 0, 1).double())[0].numpy()
+    ours = ops.rgb_to_gray(torch.from_numpy(u8).permute(2, 0, 1).double())[0].numpy()
     assert np.abs(ours - pil_l).max() <= 0.5 + 1e-9  # PIL rounds the same weighted sum
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.7, 2.0])
 def test_blur_matches_torchvision(sigma: float) -> None:
     x = _float_img(30, 26)
-    torch.testing.assert_close(mc.gaussian_blur(x, sigma, 9), TF.gaussian_blur(x, [9, 9], [sigma, sigma]),
+    torch.testing.assert_close(ops.gaussian_blur(x, sigma, 9), TF.gaussian_blur(x, [9, 9], [sigma, sigma]),
                                atol=1e-6, rtol=0)
     batch = torch.stack([x, 1 - x])
-    out = mc.gaussian_blur(batch, torch.tensor([sigma, 1.5]), 9)
+    out = ops.gaussian_blur(batch, torch.tensor([sigma, 1.5]), 9)
     torch.testing.assert_close(out[1], TF.gaussian_blur(1 - x, [9, 9], [1.5, 1.5]), atol=1e-6, rtol=0)
     tiny = torch.rand(3, 4, 4)  # smaller than the kernel: replicate padding, still finite and averaging
-    assert torch.isfinite(mc.gaussian_blur(tiny, 2.0, 9)).all()
+    assert torch.isfinite(ops.gaussian_blur(tiny, 2.0, 9)).all()
 
 
 def test_solarize_matches_pil() -> None:
     u8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
     rgb = np.stack([u8, u8[::-1], u8.T], -1)
     ref = np.asarray(ImageOps.solarize(Image.fromarray(rgb), 128))
-    ours = mc.solarize(torch.from_numpy(rgb).permute(2, 0, 1).float() / 255) * 255
+    ours = ops.solarize(torch.from_numpy(rgb).permute(2, 0, 1).float() / 255) * 255
     np.testing.assert_array_equal(ours.round().byte().permute(1, 2, 0).numpy(), ref)
 
 
@@ -263,33 +264,33 @@ def test_hue_per_pixel_against_torchvision_many_shifts() -> None:
         x[:, 10:14] = x[0:1, 10:14]  # grey
         x[1, 14:18] = x[0, 14:18]  # R == G
         x[2, 18:22] = x[1, 18:22]  # G == B
-        torch.testing.assert_close(mc.adjust_hue(x, shift), TF.adjust_hue(x, shift), atol=2e-6, rtol=0)
+        torch.testing.assert_close(ops.adjust_hue(x, shift), TF.adjust_hue(x, shift), atol=2e-6, rtol=0)
     batch = torch.rand(6, 3, 24, 24, generator=gen)
     shifts = torch.rand(6, generator=gen) - 0.5
     expected = torch.stack([TF.adjust_hue(batch[i], float(shifts[i])) for i in range(6)])
-    torch.testing.assert_close(mc.adjust_hue(batch, shifts), expected, atol=2e-6, rtol=0)
+    torch.testing.assert_close(ops.adjust_hue(batch, shifts), expected, atol=2e-6, rtol=0)
     small = shifts * 0.2  # the ColorJitter range (|shift| <= 0.1): the path without any wrap
     expected = torch.stack([TF.adjust_hue(batch[i], float(small[i])) for i in range(6)])
     inplace = batch.clone()
-    assert mc.adjust_hue(inplace, small, out=inplace) is inplace
+    assert ops.adjust_hue(inplace, small, out=inplace) is inplace
     torch.testing.assert_close(inplace, expected, atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("factor", [0.6, 1.0, 1.37])
 def test_in_place_colour_ops_match_the_functional_kernels(factor: float) -> None:
     x = _float_img()
-    for op, fn in enumerate((mc.adjust_brightness, mc.adjust_contrast, mc.adjust_saturation)):
+    for op, fn in enumerate((ops.adjust_brightness, ops.adjust_contrast, ops.adjust_saturation)):
         y = x.clone()
-        mc._COLOR_OPS_(op, y, factor)
+        ops._COLOR_OPS_(op, y, factor)
         torch.testing.assert_close(y, fn(x, factor), atol=1e-6, rtol=0)
     y = x.clone()
-    mc._COLOR_OPS_(3, y, factor / 20)
-    torch.testing.assert_close(y, mc.adjust_hue(x, factor / 20), atol=0, rtol=0)
+    ops._COLOR_OPS_(3, y, factor / 20)
+    torch.testing.assert_close(y, ops.adjust_hue(x, factor / 20), atol=0, rtol=0)
 
 
 def test_blur_in_place_into_a_batch_slice() -> None:
     x = torch.rand(4, 3, 20, 22)
     sig = torch.tensor([0.3, 1.9], dtype=torch.float64)
-    expected = mc.gaussian_blur(x[1:3].clone(), sig, 9)
-    assert mc.gaussian_blur(x[1:3], sig, 9, out=x[1:3]).data_ptr() == x[1:3].data_ptr()
+    expected = ops.gaussian_blur(x[1:3].clone(), sig, 9)
+    assert ops.gaussian_blur(x[1:3], sig, 9, out=x[1:3]).data_ptr() == x[1:3].data_ptr()
     torch.testing.assert_close(x[1:3], expected, atol=0, rtol=0)

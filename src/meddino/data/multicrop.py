@@ -30,9 +30,10 @@ How it is fast without changing the output distribution:
    slice; the two costly ops (hue, blur) run once per crop size on that slice with per-view parameters,
    hue split out of each view's random jitter order so that every view still gets its own ops in its own
    order; one gather then puts the rows back in view order and the normalisation is a broadcast
-   multiply-add. Blur is a
-   sum of shifted slices (several times faster on CPU than a grouped conv2d); hue is an exact HSV rotation
-   without boolean masks or a modulo (see :func:`adjust_hue`).
+   multiply-add. Blur is a sum of shifted slices (several times faster on CPU than a grouped conv2d); hue
+   is an exact HSV rotation without boolean masks or a modulo (see
+   :func:`~meddino.data.augment_ops.adjust_hue`). Those pixel kernels live in :mod:`meddino.data.augment_ops`;
+   this module is the recipe: which view gets which op, with which parameters, in which order.
 
 Deliberate differences from the PIL reference, all below one grey level: PIL quantises to uint8 after
 every colour op and stores hue as a byte; here colour ops stay in float32 and are clamped to [0, 1] after
@@ -54,10 +55,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from meddino.data import io
+from meddino.data.augment_ops import _COLOR_OPS_, adjust_hue, gaussian_blur, resized_crop_uint8, rgb_to_gray
 from meddino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -74,7 +75,6 @@ RATIO = (3.0 / 4.0, 4.0 / 3.0)
 JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
 P_JITTER, P_GRAY, P_FLIP, P_SOLARIZE = 0.8, 0.2, 0.5, 0.2
 SIGMA = (0.1, 2.0)
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and torchvision
 
 _N_ATTEMPTS = 10
 _N_UNIFORMS = 2 * _N_ATTEMPTS + 2 + 1 + 1 + 4 + 4 + 1 + 1 + 1 + 1  # see sample_params
@@ -335,9 +335,7 @@ class MultiCropAugmentation:
         return x.mul_(self._norm_scale).add_(self._norm_bias)
 
 
-# ---------------------------------------------------------------------------------------------- kernels
-# Colour kernels act on one float image [3, H, W] in [0, 1] with a scalar parameter and return a new
-# tensor clamped to [0, 1] (the semantics of torchvision's tensor kernels).
+# ---------------------------------------------------------------------------------------------- helpers
 def _hwc_to_chw(arr: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> [3, H, W] view (channels-last strides, which the uint8 resize kernel prefers)."""
     if not arr.flags.writeable or not arr.flags.c_contiguous:
@@ -353,165 +351,6 @@ def _scale_box(p: ViewParams, sy: float, sx: float, h: int, w: int) -> tuple[int
     t1 = max(min(int(round((p.top + p.height) * sy)), h), t0 + 1)
     l1 = max(min(int(round((p.left + p.width) * sx)), w), l0 + 1)
     return t0, l0, t1 - t0, l1 - l0
-
-
-def resized_crop_uint8(src: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """Crop ``box`` (top, left, h, w) of a uint8 [3, H, W] image and resize to ``size`` x ``size`` with
-    antialiased bicubic, as PIL/torchvision's bicubic RandomResizedCrop; returns uint8 [1, 3, size, size]."""
-    top, left, h, w = box
-    crop = src[:, top : top + h, left : left + w].unsqueeze(0)
-    if (h, w) == (size, size):
-        return crop.contiguous()
-    return F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-
-
-def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
-    """[..., 3, H, W] float -> [..., 1, H, W] luma (0.299 R + 0.587 G + 0.114 B)."""
-    r, g, b = x.unbind(-3)
-    return (r * GRAY_WEIGHTS[0]).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2]).unsqueeze(-3)
-
-
-def _factor(f: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
-    """A scalar, or one factor per image of a [N, 3, H, W] batch (broadcast over C, H, W)."""
-    return f if isinstance(f, (int, float)) else f.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-
-
-def adjust_brightness(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
-    """Blend with black: ``clamp(f x)``. ``factor``: a float or one per image of a batch."""
-    return (x * _factor(factor, x)).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
-    """Blend with the image's mean luma: ``clamp(f x + (1 - f) mean(gray))``."""
-    f = _factor(factor, x)
-    mean = rgb_to_gray(x).mean(dim=(-3, -2, -1), keepdim=True)
-    return (x * f).add_(mean * (1.0 - f)).clamp_(0.0, 1.0)
-
-
-def adjust_saturation(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
-    """Blend with the grayscale image: ``clamp(f x + (1 - f) gray)``."""
-    f = _factor(factor, x)
-    if isinstance(f, float):
-        return (x * f).add_(rgb_to_gray(x), alpha=1.0 - f).clamp_(0.0, 1.0)
-    return (x * f).add_(rgb_to_gray(x) * (1.0 - f)).clamp_(0.0, 1.0)
-
-
-def adjust_hue(x: torch.Tensor, shift: float | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate the HSV hue by ``shift`` (fraction of a turn, in [-0.5, 0.5]) keeping S and V.
-
-    Hue ``h`` in sextants from the hexcone formulas (R max: (G-B)/d, G max: 2+(B-R)/d, B max: 4+(R-G)/d,
-    d = max - min, ties R before G before B as torchvision), in [-1, 5), plus ``6 shift``; it is wrapped into
-    [0, 6) only when |shift| > 1/6, so h lies in [-2, 6] (ColorJitter's hue 0.1 never wraps).
-    HSV -> RGB: ``c_n = max - d clamp(min(k_n, 4 - k_n), 0, 1)``, ``k_n = (n + h) mod 6``, n = 5, 3, 1 for
-    R, G, B; that is ``max - d clamp(2 - dist_n, 0, 1)`` with ``dist_n`` the circular distance (period 6)
-    from h to 3, 5, 1. With ``a = | |h - centre| - 3 |``, ``dist = 3 - a`` when ``|h - centre| <= 6``; for
-    ``6 < |h - centre| <= 7`` (only |h - 5| gets there) ``dist <= 1`` and ``a - 1 >= 2``, both clamp to 1.
-    So ``c_n = max - d clamp(a - 1, 0, 1)`` exactly, without a modulo: 7 passes per channel. A grey pixel
-    (d = 0) stays unchanged. ``out`` may be ``x`` itself (in place): every read of ``x`` comes first.
-    """
-    r, g, b = x.unbind(-3)
-    # In-place ops and few temporaries: fresh large allocations (page faults) dominate otherwise.
-    maxc = torch.maximum(r, g)
-    torch.maximum(maxc, b, out=maxc)
-    delta = torch.minimum(r, g)
-    torch.minimum(delta, b, out=delta)
-    torch.sub(maxc, delta, out=delta)
-    inv = delta.clamp(min=1e-12).reciprocal_()
-    # Which channel is the max, as exact 0/1 floats (ties: R before G before B): comparisons written into a
-    # float tensor are as cheap as a subtraction, unlike boolean masks and torch.where.
-    is_r = torch.empty_like(maxc)
-    torch.eq(r, maxc, out=is_r)
-    is_g = torch.empty_like(maxc)
-    torch.eq(g, maxc, out=is_g)
-    is_g.addcmul_(is_g, is_r, value=-1.0)
-    hue = torch.sub(r, g).mul_(inv).add_(4.0)  # B is max
-    d_r = torch.sub(g, b).mul_(inv).sub_(hue)  # R is max, minus the B formula
-    d_g = torch.sub(b, r).mul_(inv).add_(2.0).sub_(hue)
-    hue.addcmul_(is_r, d_r).addcmul_(is_g, d_g)
-    hue.add_(6.0 * shift if isinstance(shift, (int, float)) else 6.0 * _factor(shift, hue))
-    if isinstance(shift, (int, float)):
-        max_shift = abs(float(shift))
-    else:
-        max_shift = float(shift.abs().max()) if shift.numel() else 0.0
-    if 6.0 * max_shift > 1.0:  # h could leave [-2, 6]: wrap it into [0, 6) (ColorJitter's 0.1 never needs it)
-        hue.sub_(torch.mul(hue, 1.0 / 6.0).floor_().mul_(6.0))
-    if out is None:
-        out = torch.empty_like(x)
-    k = d_r
-    for c, centre in enumerate((3.0, 5.0, 1.0)):
-        torch.sub(hue, centre, out=k).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
-        # c = min + d (1 - k) = max - d k (max - d is min up to rounding; this is torchvision's form)
-        torch.addcmul(maxc, delta, k, value=-1.0, out=out.select(-3, c))
-    return out.clamp_(0.0, 1.0)
-
-
-_BIG = 2.0**60
-_COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
-def _COLOR_OPS_(op: int, x: torch.Tensor, f: float) -> None:
-    """Brightness (0), contrast (1) or saturation (2) of one float image, in place: the same arithmetic as
-    :func:`adjust_brightness` etc. without their output copy. Hue (3) is batched separately."""
-    if op == 0:
-        x.mul_(f)
-    elif op == 1:
-        # mean luma as the luma of the channel means (one reduction pass instead of a grey image)
-        m = x.mean(dim=(-2, -1)).tolist()
-        mean = m[0] * GRAY_WEIGHTS[0] + m[1] * GRAY_WEIGHTS[1] + m[2] * GRAY_WEIGHTS[2]
-        x.mul_(f).add_(mean * (1.0 - f))
-    elif op == 2:
-        gray = rgb_to_gray(x)
-        x.mul_(f).add_(gray, alpha=1.0 - f)
-    else:
-        x.copy_(adjust_hue(x, f))
-        return
-    x.clamp_(0.0, 1.0)
-
-
-def gaussian_kernel1d(sigma: float | torch.Tensor, taps: int) -> torch.Tensor:
-    """Normalised 1-D Gaussian(s) of ``taps`` samples centred on 0, as torchvision's
-    ``_get_gaussian_kernel1d``: [taps] for a float sigma, [N, taps] for N sigmas."""
-    half = (taps - 1) / 2
-    pos = torch.linspace(-half, half, taps, dtype=torch.float64)
-    sig = torch.as_tensor(sigma, dtype=torch.float64)
-    k = torch.exp(-0.5 * (pos / sig.unsqueeze(-1)) ** 2)
-    return (k / k.sum(dim=-1, keepdim=True)).to(torch.float32)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float | torch.Tensor, taps: int,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """Separable Gaussian blur of [C, H, W] (one sigma) or [N, C, H, W] (a float or N sigmas), reflect
-    padding (replicate when the image is smaller than the kernel), as a sum of shifted slices: several
-    times faster on CPU than a grouped conv2d. ``out`` (same shape as ``x``, may be ``x`` itself): where to
-    write the result."""
-    squeeze = x.dim() == 3
-    if squeeze:
-        x = x.unsqueeze(0)
-    n, c, h, w = x.shape
-    pad = taps // 2
-    k = gaussian_kernel1d(sigma, taps)
-    k = k.expand(n, taps) if k.dim() == 1 else k
-    kv = k.view(n, 1, 1, 1, taps)
-    mode = "reflect" if pad < h and pad < w else "replicate"
-    xp = F.pad(x, (pad, pad, pad, pad), mode=mode)  # [N, C, h + 2p, w + 2p]
-    rows = xp[..., :, 0:w] * kv[..., 0]
-    for i in range(1, taps):
-        rows.addcmul_(xp[..., :, i : i + w], kv[..., i])
-    res = torch.mul(rows[..., 0:h, :], kv[..., 0], out=out.view(n, c, h, w) if out is not None else None)
-    for i in range(1, taps):
-        res.addcmul_(rows[..., i : i + h, :], kv[..., i])
-    if out is not None:
-        return out
-    return res[0] if squeeze else res
-
-
-def solarize(x: torch.Tensor, threshold: float = 128.0) -> torch.Tensor:
-    """Invert pixels at or above ``threshold`` grey levels (of 255), as PIL ``ImageOps.solarize(img, 128)``;
-    on float [0, 1] the cut is placed half a level lower so that it agrees with rounding to uint8."""
-    if threshold == 128.0:
-        return torch.minimum(x, 1.0 - x)  # the same map for the cut at 0.5, in two cheap ops
-    cut = (threshold - 0.5) / 255.0
-    return torch.where(x >= cut, 1.0 - x, x)
 
 
 # ---------------------------------------------------------------------------------------------- batching
