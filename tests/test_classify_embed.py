@@ -69,7 +69,7 @@ def test_features_match_backbone_outputs_and_batching(tmp_path):
 def test_volume_embedding_is_the_mean_of_slice_embeddings(tmp_path):
     import nibabel as nib
 
-    from meddino.data.io import read_volume, volume_slices
+    from meddino.data.volumes import read_volume, volume_slices
 
     rng = np.random.default_rng(2)
     vol = rng.normal(size=(24, 24, 5)).astype(np.float32)  # (x, y, z) on disk: 5 axial slices

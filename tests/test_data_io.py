@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meddino.data import io
+from meddino.data import io, volumes
 from meddino.errors import DataError, UserError
 
 RNG = np.random.default_rng(0)
@@ -209,10 +209,10 @@ def test_nifti(tmp_path: Path) -> None:
     data = _vol_xyz()
     affine = np.diag([2.0, 3.0, 4.0, 1.0])
     nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "v.nii.gz"))
-    vol, spacing = io.read_volume(tmp_path / "v.nii.gz")
+    vol, spacing = volumes.read_volume(tmp_path / "v.nii.gz")
     np.testing.assert_allclose(vol, data.transpose(2, 1, 0), rtol=1e-6)
     assert spacing == (4.0, 3.0, 2.0)
-    assert io.volume_shape(tmp_path / "v.nii.gz") == vol.shape == (5, 6, 7)
+    assert volumes.volume_shape(tmp_path / "v.nii.gz") == vol.shape == (5, 6, 7)
 
 
 def test_nrrd(tmp_path: Path) -> None:
@@ -220,10 +220,10 @@ def test_nrrd(tmp_path: Path) -> None:
 
     data = _vol_xyz()
     nrrd.write(str(tmp_path / "v.nrrd"), data, {"spacings": [0.5, 0.7, 2.5]})
-    vol, spacing = io.read_volume(tmp_path / "v.nrrd")
+    vol, spacing = volumes.read_volume(tmp_path / "v.nrrd")
     np.testing.assert_array_equal(vol, data.transpose(2, 1, 0))
     assert spacing == pytest.approx((2.5, 0.7, 0.5))
-    assert io.volume_shape(tmp_path / "v.nrrd") == (5, 6, 7)
+    assert volumes.volume_shape(tmp_path / "v.nrrd") == (5, 6, 7)
 
 
 def test_mha(tmp_path: Path) -> None:
@@ -233,27 +233,27 @@ def test_mha(tmp_path: Path) -> None:
     img = sitk.GetImageFromArray(zyx)
     img.SetSpacing((0.8, 0.9, 3.0))  # (x, y, z)
     sitk.WriteImage(img, str(tmp_path / "v.mha"))
-    vol, spacing = io.read_volume(tmp_path / "v.mha")
+    vol, spacing = volumes.read_volume(tmp_path / "v.mha")
     np.testing.assert_array_equal(vol, zyx.astype(np.float32))
     assert spacing == pytest.approx((3.0, 0.9, 0.8))
-    assert io.volume_shape(tmp_path / "v.mha") == (5, 6, 7)
+    assert volumes.volume_shape(tmp_path / "v.mha") == (5, 6, 7)
 
 
 def test_volume_slices_window_and_empty_skip() -> None:
     vol = np.full((4, 8, 9), -1000.0, np.float32)  # air
     vol[1, 2:6, 2:7] = 40.0
     vol[2] = 300.0
-    slices = list(io.volume_slices(vol, axes=(0, 1), window="ct_soft"))
+    slices = list(volumes.volume_slices(vol, axes=(0, 1), window="ct_soft"))
     assert [(a, i) for a, i, _ in slices] == [(0, i) for i in range(4)] + [(1, i) for i in range(8)]
     assert all(s.shape == ((8, 9, 3) if a == 0 else (4, 9, 3)) and s.dtype == np.uint8 for a, _, s in slices)
     axial = {i: s for a, i, s in slices if a == 0}
     # ct_soft = 40/400: air -> 0, 40 HU -> mid-grey, 300 HU -> 255 (by the DICOM linear formula)
     assert axial[0].max() == 0 and axial[2].min() == 255
     assert axial[1][3, 3, 0] == np.uint8(np.rint(((40 - 39.5) / 399 + 0.5) * 255))
-    kept = [(a, i) for a, i, _ in io.volume_slices(vol, (0,), "ct_soft", min_foreground=0.05)]
+    kept = [(a, i) for a, i, _ in volumes.volume_slices(vol, (0,), "ct_soft", min_foreground=0.05)]
     assert kept == [(0, 1), (0, 2)]
     with pytest.raises(DataError):
-        list(io.volume_slices(vol, axes=(3,)))
+        list(volumes.volume_slices(vol, axes=(3,)))
 
 
 def test_unreadable_volume(tmp_path: Path) -> None:
@@ -261,4 +261,4 @@ def test_unreadable_volume(tmp_path: Path) -> None:
     (tmp_path / "empty.nrrd").write_bytes(b"")
     for name in ("bad.nii.gz", "empty.nrrd"):
         with pytest.raises(DataError, match=name.replace(".", r"\.")):
-            io.read_volume(tmp_path / name)
+            volumes.read_volume(tmp_path / name)

@@ -9,7 +9,7 @@ __all__, __getattr__ = lazy_exports(
     __name__,
     {
         "read_image": ".io",
-        "read_volume": ".io",
+        "read_volume": ".volumes",
         "read_dicom": ".io",
         "PretrainSource": ".sources",
         "MultiCropAugmentation": ".multicrop",

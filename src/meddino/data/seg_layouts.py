@@ -14,8 +14,8 @@ Layouts (``data.layout`` of ``meddino eval seg``):
 - ``msd`` (:func:`msd_layout`): Medical Segmentation Decathlon / nnU-Net style ``ROOT/imagesTr`` +
   ``ROOT/labelsTr`` + ``dataset.json`` (labels in either the MSD ``{"0": "background", ...}`` or the nnU-Net
   v2 ``{"background": 0, ...}`` form); NIfTI, NRRD or MetaImage volumes read with
-  :func:`meddino.data.io.read_volume` (a 4-D image keeps its first channel). Volumes are segmented slice by
-  slice along the first array axis and reassembled for 3-D metrics with the volume's spacing (mm).
+  :func:`meddino.data.volumes.read_volume` (a 4-D image keeps its first channel). Volumes are segmented slice
+  by slice along the first array axis and reassembled for 3-D metrics with the volume's spacing (mm).
   Each volume is one patient. Volumes are kept in memory as uint8 (image windowed, labels) once read.
 
 They live here, beside the image-level manifest adapters (:mod:`meddino.data.manifest`), because they are
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from meddino.data.io import image_size, is_volume_file, read_image, read_volume, volume_shape, volume_window_range
+from meddino.data.io import image_size, is_volume_file, read_image
 from meddino.data.seg_masks import (
     check_labels,
     cholecseg8k_table,
@@ -46,6 +46,7 @@ from meddino.data.seg_masks import (
     read_png_mask,
     rgb_key,
 )
+from meddino.data.volumes import read_volume, volume_shape, volume_window_range
 from meddino.errors import ConfigError, DataError, require_file
 from meddino.runlog import Progress
 

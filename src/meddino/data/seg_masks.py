@@ -10,7 +10,7 @@ is pure array work on one file (no case lists, no configs):
   background or to ``ignore_index`` (:func:`cholecseg8k_table`).
 - PNG masks of class indices (:func:`read_png_mask`): mode ``L``, ``P`` (the palette index is the class) or
   16-bit; an RGB mask is accepted when its three channels are equal, or with a colour -> class table.
-- Label volumes (:func:`read_label_volume`): integer labels read with :func:`meddino.data.io.read_volume`.
+- Label volumes (:func:`read_label_volume`): integer labels read with :func:`meddino.data.volumes.read_volume`.
 
 A label outside the class map (other than ``ignore_index``) is a :class:`~meddino.errors.DataError` naming
 the file (:func:`check_labels`).
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from meddino.data.io import read_volume
+from meddino.data.volumes import read_volume
 from meddino.errors import ConfigError, DataError
 
 #: The 13 classes of CholecSeg8k (Hong et al. 2020), in the dataset's own index order.

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset, default_collate
 
-from meddino.data import io
+from meddino.data import io, volumes
 from meddino.data.multicrop import sample_generator
 from meddino.data.video import read_frame_at, sample_times, video_duration
 from meddino.errors import DataError, UserError
@@ -261,11 +261,11 @@ class PretrainSource(Dataset):
                 axes.append(0)
         elif io.is_volume_file(path):
             if self.min_foreground is not None:
-                volume, _ = io.read_volume(path)
-                indices = [(axis, i) for axis, i, _ in io.volume_slices(volume, self.axes, self.window,
-                                                                          self.min_foreground)]
+                volume, _ = volumes.read_volume(path)
+                indices = [(axis, i) for axis, i, _ in volumes.volume_slices(volume, self.axes, self.window,
+                                                                               self.min_foreground)]
             else:
-                shape = io.volume_shape(path)
+                shape = volumes.volume_shape(path)
                 indices = [(axis, i) for axis in self.axes for i in range(shape[axis])]
             for axis, i in indices:
                 kinds.append(KIND_SLICE)
@@ -315,15 +315,15 @@ class PretrainSource(Dataset):
         if kind == KIND_FRAME:
             return read_frame_at(path, float(self.params[index]))
         volume, lo, hi = self._volume(int(self.file_index[index]))
-        return io.volume_slice(volume, int(self.slice_axes[index]), int(self.params[index]), lo, hi)
+        return volumes.volume_slice(volume, int(self.slice_axes[index]), int(self.params[index]), lo, hi)
 
     def _volume(self, fid: int) -> tuple[np.ndarray, float, float]:
         hit = self._cache.get(fid)
         if hit is not None:
             self._cache.move_to_end(fid)
             return hit
-        volume, _ = io.read_volume(self.files[fid])
-        lo, hi = io.volume_window_range(volume, self.window)
+        volume, _ = volumes.read_volume(self.files[fid])
+        lo, hi = volumes.volume_window_range(volume, self.window)
         self._cache[fid] = (volume, lo, hi)
         while len(self._cache) > max(self.volume_cache, 1):
             self._cache.popitem(last=False)

@@ -34,9 +34,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from meddino.data.io import read_image, read_volume, volume_slices
+from meddino.data.io import read_image
 from meddino.data.manifest import Manifest
 from meddino.data.transforms import to_tensor
+from meddino.data.volumes import read_volume, volume_slices
 from meddino.devices import autocast
 from meddino.errors import ConfigError, DataError
 from meddino.runlog import Progress, atomic_path, atomic_write, write_json

@@ -16,7 +16,6 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from meddino.data.io import volume_shape
 from meddino.data.seg_layouts import (
     LoadedCase,
     SegCase,
@@ -29,6 +28,7 @@ from meddino.data.seg_layouts import (
 )
 from meddino.data.seg_masks import read_png_mask
 from meddino.data.transforms import to_tensor
+from meddino.data.volumes import volume_shape
 from meddino.errors import ConfigError, DataError
 from meddino.tasks.seg.config import SegDataConfig
 

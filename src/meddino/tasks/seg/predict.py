@@ -29,9 +29,10 @@ from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from meddino.data.io import file_suffix, is_image_file, is_volume_file, read_image, read_volume, volume_window_range
+from meddino.data.io import file_suffix, is_image_file, is_volume_file, read_image
 from meddino.data.seg_masks import CHOLECSEG8K_CLASSES, CHOLECSEG8K_RGB
 from meddino.data.transforms import to_tensor
+from meddino.data.volumes import read_volume, volume_window_range
 from meddino.devices import autocast, pick_device
 from meddino.errors import CheckpointError, DataError, require_file
 from meddino.models.checkpoints import load_into_strict
