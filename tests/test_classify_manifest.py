@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meddino.data.manifest import chexpert, image_folder, nih_chestxray14, read_manifest
+from meddino.data.manifest import read_manifest
+from meddino.data.manifest_builders import chexpert, image_folder, nih_chestxray14
 from meddino.errors import DataError
 
 

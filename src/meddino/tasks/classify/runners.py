@@ -8,7 +8,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from meddino.data import manifest as mf
+from meddino.data import manifest_builders as mf
 from meddino.data.manifest import read_manifest
 from meddino.data.splits import patient_kfold
 from meddino.errors import ConfigError
