@@ -90,6 +90,30 @@ def build_demo_data(root: str | Path, size: int = 64, step: int = 2, block: int 
 
     for sub in ("unlabeled", "slices", "masks", "viz"):
         shutil.rmtree(root / sub, ignore_errors=True)
+    cls_rows, seg_rows = _write_mni_slices(root, size, step, block)
+    for dicom in _bundled_dicoms():
+        target = root / "unlabeled" / dicom.name
+        target.write_bytes(dicom.read_bytes())
+
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        if (root / "unlabeled" / name).exists():
+            rgb = _square_resize(read_image(root / "unlabeled" / name), size, Image.BICUBIC)
+            Image.fromarray(rgb).save(root / "viz" / f"{Path(name).stem}.png")
+    for path, rows in ((data.classify_manifest, cls_rows), (data.seg_manifest, seg_rows)):
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    done.write_text(stamp)
+    data.viz_images = sorted((root / "viz").glob("*"))
+    return data
+
+
+def _write_mni_slices(root: Path, size: int, step: int,
+                      block: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Every ``step``-th MNI slice along each axis that is mostly inside the head, as a PNG (slices/ and
+    unlabeled/) with its tissue mask (masks/), the middle one of each axis also in viz/; returns the rows
+    of the classification and segmentation manifests."""
     t1, gm, wm, brain = _load_mni()
     lo, hi = np.percentile(t1[brain], [0.5, 99.5])
     (root / "unlabeled").mkdir(parents=True, exist_ok=True)
@@ -122,19 +146,4 @@ def build_demo_data(root: str | Path, size: int = 64, step: int = 2, block: int 
             seg_rows.append({"image": f"slices/{name}", "mask": f"masks/{name}", "patient": patient})
             if index == (n // 2) - (n // 2) % step:
                 Image.fromarray(rgb).save(root / "viz" / name)
-    for dicom in _bundled_dicoms():
-        target = root / "unlabeled" / dicom.name
-        target.write_bytes(dicom.read_bytes())
-
-    for name in ("CT_small.dcm", "MR_small.dcm"):
-        if (root / "unlabeled" / name).exists():
-            rgb = _square_resize(read_image(root / "unlabeled" / name), size, Image.BICUBIC)
-            Image.fromarray(rgb).save(root / "viz" / f"{Path(name).stem}.png")
-    for path, rows in ((data.classify_manifest, cls_rows), (data.seg_manifest, seg_rows)):
-        with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    done.write_text(stamp)
-    data.viz_images = sorted((root / "viz").glob("*"))
-    return data
+    return cls_rows, seg_rows
