@@ -24,15 +24,12 @@ from meddino.report.build import (
     make_report,
     run_report,
 )
-from meddino.report.collect import (
+from meddino.report.collect import collect, display_name, parse_iteration, read_eval_run
+from meddino.report.predictions import (
     ClassificationRows,
     UnitValues,
-    collect,
-    display_name,
     load_classification,
     load_segmentation,
-    parse_iteration,
-    read_eval_run,
 )
 
 N_PATIENTS = 8
@@ -421,7 +418,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 def test_phase_runs_per_video_metrics(tmp_path):
     """Phase results.json as the phase task writes it (no model/dataset keys: backbone and layout are used);
     per-video accuracy recomputed by hand from predictions/test.csv, frames out of order on disk."""
-    from meddino.report.collect import load_phase
+    from meddino.report.predictions import load_phase
 
     root = tmp_path / "runs"
     truth = {"v1": [0, 0, 1, 1, 2, 2], "v2": [0, 1, 1, 2, 2, 2], "v3": [0, 0, 0, 1, 2, 2]}

@@ -33,17 +33,11 @@ import numpy as np
 
 from meddino.errors import DataError, UserError
 from meddino.report import stats
-from meddino.report.collect import (
-    ClassificationRows,
-    EvalRun,
-    UnitValues,
-    collect,
-    higher_is_better,
-    load_predictions,
-)
+from meddino.report.collect import EvalRun, collect, higher_is_better
 from meddino.report.figures import curve_panels, curves_figure, encoder_boxplot, iteration_figure, rank_figure
 from meddino.report.html import render
 from meddino.report.model import UNIT_KIND, BootstrapConfig, GroupBootstrap, Report, ReportConfig
+from meddino.report.predictions import ClassificationRows, UnitValues, load_predictions
 from meddino.runlog import atomic_write
 
 
