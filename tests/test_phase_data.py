@@ -16,11 +16,10 @@ from meddino.tasks.phase.data import (
     AUTOLAPARO_PHASES,
     CHOLEC80_PHASES,
     assign_splits,
-    extract_frames,
-    iter_video_frames,
     load_phase_dataset,
     resample_labels,
 )
+from meddino.tasks.phase.frames import extract_frames, iter_video_frames
 
 COLOURS = [(220, 40, 40), (40, 220, 40), (40, 40, 220), (220, 220, 40), (40, 220, 220), (220, 40, 220), (128, 128, 128)]
 

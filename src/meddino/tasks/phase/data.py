@@ -24,9 +24,8 @@ Layouts (``data.layout``):
 ``data.train_videos`` / ``val_videos`` / ``test_videos`` override any split. Without a split column or official
 split, videos are split at random (seeded) by patient when a patient column exists, else by video.
 
-Videos are decoded once at ``fps`` (default 1) into a frame cache (``uint8 [T, S, S, 3]`` .npy per video,
-bicubic resize to the model's input size, written atomically; a complete file is reused). Decoding keeps the
-first frame at or after each sampling time ``i / fps`` (relative to the first frame's timestamp).
+This module reads annotations only; decoding the pixels and the frame cache are in
+:mod:`meddino.tasks.phase.frames`.
 """
 
 from __future__ import annotations
@@ -34,17 +33,13 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from meddino.data.io import read_image
-from meddino.data.video import iter_video_frames as decode_video
 from meddino.errors import DataError
-from meddino.runlog import atomic_path
 
 CHOLEC80_PHASES = (
     "Preparation",
@@ -329,7 +324,8 @@ def load_phase_dataset(
     test_fraction: float = 0.2,
     seed: int = 0,
 ) -> PhaseDataset:
-    """Read a dataset's annotations and split it; pixels are decoded later (:func:`extract_frames`).
+    """Read a dataset's annotations and split it; pixels are decoded later
+    (:func:`meddino.tasks.phase.frames.extract_frames`).
 
     ``phases`` fixes the class order of the csv layout (names outside it are errors). The explicit video
     lists override any split; videos named in none of them go to train when any list is given.
@@ -345,37 +341,50 @@ def load_phase_dataset(
         phases, videos = _cholec80_layout(root, fps, annotation_fps)
     else:
         raise DataError(f"unknown phase data layout '{layout}' (use one of {', '.join(LAYOUTS)})")
-    names = {v.name for v in videos}
     explicit = {"train": train_videos, "val": val_videos, "test": test_videos}
     if any(lst is not None for lst in explicit.values()):
-        chosen: dict[str, str] = {}
-        for split, lst in explicit.items():
-            for name in lst or []:
-                name = str(name)
-                if name not in names:
-                    raise DataError(f"data.{split}_videos: no annotated video '{name}' in {root}")
-                if name in chosen:
-                    raise DataError(
-                        f"video '{name}' is listed in both data.{chosen[name]}_videos and data.{split}_videos"
-                    )
-                chosen[name] = split
-        for v in videos:
-            v.split = chosen.get(v.name, "train" if train_videos is None else None)
-        videos = [v for v in videos if v.split is not None]
+        videos = _explicit_splits(root, videos, explicit)
     elif any(v.split is None for v in videos):
-        if any(v.split is not None for v in videos):
-            missing = next(v.name for v in videos if v.split is None)
-            raise DataError(
-                f"video '{missing}' has no split while others do (fill the split column or use data.*_videos)"
-            )
-        by_patient = all(v.patient for v in videos)
-        groups = {v.name: (v.patient if by_patient else v.name) for v in videos}
-        assignment = assign_splits(list(groups.values()), val_fraction, test_fraction, seed)
-        for v in videos:
-            v.split = assignment[groups[v.name]]
+        _random_splits(videos, val_fraction, test_fraction, seed)
     else:
         _check_patients(videos)
     return PhaseDataset(root, layout, list(phases), fps, videos)
+
+
+def _explicit_splits(
+    root: Path, videos: list[PhaseVideo], explicit: dict[str, list[str] | None]
+) -> list[PhaseVideo]:
+    """Splits from ``data.{train,val,test}_videos``; unlisted videos go to train unless train is listed too
+    (then they are dropped)."""
+    names = {v.name for v in videos}
+    chosen: dict[str, str] = {}
+    for split, lst in explicit.items():
+        for name in lst or []:
+            name = str(name)
+            if name not in names:
+                raise DataError(f"data.{split}_videos: no annotated video '{name}' in {root}")
+            if name in chosen:
+                raise DataError(
+                    f"video '{name}' is listed in both data.{chosen[name]}_videos and data.{split}_videos"
+                )
+            chosen[name] = split
+    for v in videos:
+        v.split = chosen.get(v.name, "train" if explicit["train"] is None else None)
+    return [v for v in videos if v.split is not None]
+
+
+def _random_splits(videos: list[PhaseVideo], val_fraction: float, test_fraction: float, seed: int) -> None:
+    """Seeded random splits (:func:`assign_splits`) by patient when every video has one, else by video."""
+    if any(v.split is not None for v in videos):
+        missing = next(v.name for v in videos if v.split is None)
+        raise DataError(
+            f"video '{missing}' has no split while others do (fill the split column or use data.*_videos)"
+        )
+    by_patient = all(v.patient for v in videos)
+    groups = {v.name: (v.patient if by_patient else v.name) for v in videos}
+    assignment = assign_splits(list(groups.values()), val_fraction, test_fraction, seed)
+    for v in videos:
+        v.split = assignment[groups[v.name]]
 
 
 def _check_patients(videos: list[PhaseVideo]) -> None:
@@ -388,90 +397,3 @@ def _check_patients(videos: list[PhaseVideo]) -> None:
             other = seen[v.patient][1]
             raise DataError(f"patient '{v.patient}' is in {v.split} ({v.name}) and {seen[v.patient][0]} ({other})")
         seen.setdefault(v.patient, (v.split or "", v.name))
-
-
-# ------------------------------------------------------------------------------------------------ pixels
-
-
-def iter_video_frames(path: Path, fps: float) -> Iterator[np.ndarray]:
-    """RGB uint8 frames of ``path`` at ``fps``; frame i is the first decoded frame at or after time i / fps
-    (gaps in variable-frame-rate streams repeat it), so indices line up with annotations at ``fps``."""
-    for _, _, rgb in decode_video(path, fps, fill_gaps=True):
-        yield rgb
-
-
-def frame_files(folder: Path) -> list[Path]:
-    files = [p for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTS and not p.name.startswith(".")]
-    if not files:
-        raise DataError(f"frame folder {folder} has no images ({', '.join(FRAME_EXTS)})")
-    return sorted(files, key=lambda p: natural_key(p.name))
-
-
-def iter_source_frames(source: Path, fps: float) -> Iterator[np.ndarray]:
-    """Frames of a video file (decoded at ``fps``) or of a frame folder (taken as already at ``fps``)."""
-    if source.is_dir():
-        for f in frame_files(source):
-            yield read_image(f)
-    else:
-        yield from iter_video_frames(source, fps)
-
-
-def resize_frame(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Bicubic resize to ``size x size`` (seed 000 resizes frames bicubically to the backbone resolution)."""
-    if rgb.shape[0] == size and rgb.shape[1] == size:
-        return np.ascontiguousarray(rgb)
-    return np.array(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
-
-
-def cache_file(cache_dir: Path, video: PhaseVideo) -> Path:
-    return cache_dir / f"{video.name}.npy"
-
-
-def label_tolerance(fps: float) -> int:
-    """Annotations may run past the decoded video by up to one second (rounding of the last frame)."""
-    return max(1, math.ceil(fps))
-
-
-def check_coverage(video: PhaseVideo, n_frames: int, fps: float) -> None:
-    """The annotations must cover every decoded frame; more than one extra second of labels is refused too."""
-    n_labels = len(video.labels)
-    if n_frames > n_labels:
-        raise DataError(
-            f"annotations {video.label_file} cover {n_labels} frames of '{video.name}' at {fps:g} fps "
-            f"but the video has {n_frames}"
-        )
-    if n_labels - n_frames > label_tolerance(fps):
-        raise DataError(
-            f"annotations {video.label_file} have {n_labels} frames of '{video.name}' at {fps:g} fps "
-            f"but the video has only {n_frames} (wrong fps or wrong file?)"
-        )
-
-
-def extract_frames(video: PhaseVideo, fps: float, size: int, cache_dir: Path) -> Path:
-    """Decode ``video`` at ``fps`` into ``cache_dir/<name>.npy`` (uint8 [T, size, size, 3]); resumable.
-
-    An existing file of the right shape is reused (files are written atomically, so existing = complete).
-    The video's labels are truncated to the decoded length (within :func:`label_tolerance`).
-    """
-    path = cache_file(cache_dir, video)
-    if path.is_file():
-        try:
-            arr = np.load(path, mmap_mode="r")
-            ok = arr.ndim == 4 and arr.shape[1:] == (size, size, 3) and arr.dtype == np.uint8
-        except (ValueError, OSError):
-            ok = False
-        if ok:
-            check_coverage(video, arr.shape[0], fps)
-            video.labels = video.labels[: arr.shape[0]]
-            return path
-    frames = []
-    for rgb in iter_source_frames(video.source, fps):
-        frames.append(resize_frame(rgb, size))
-        if len(frames) > len(video.labels) + label_tolerance(fps) + 1:
-            break  # enough to know the annotations are too short; do not decode an hour for nothing
-    check_coverage(video, len(frames), fps)
-    video.labels = video.labels[: len(frames)]
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.stack(frames))
-    return path

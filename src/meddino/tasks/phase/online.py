@@ -26,7 +26,7 @@ from meddino.errors import CheckpointError, DataError
 from meddino.models import load_backbone
 from meddino.models.checkpoints import load_into_strict
 from meddino.runlog import atomic_write
-from meddino.tasks.phase.data import iter_source_frames, resize_frame
+from meddino.tasks.phase.frames import iter_source_frames, resize_frame
 from meddino.tasks.phase.mstcn import MSTCN, MSTCNConfig, OnlineMSTCN
 
 

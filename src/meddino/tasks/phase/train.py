@@ -41,9 +41,10 @@ from meddino.metrics.phase import pooled_f1_at_k, summarize, video_metrics
 from meddino.models import export_backbone, load_backbone, resolve_backbone
 from meddino.runlog import RunDir, atomic_path, atomic_write, track, write_json
 from meddino.tasks.phase.config import PhaseEvalConfig
-from meddino.tasks.phase.data import PhaseDataset, extract_frames, load_phase_dataset
+from meddino.tasks.phase.data import PhaseDataset, load_phase_dataset
 from meddino.tasks.phase.features import extract_features, load_features, weights_fingerprint
 from meddino.tasks.phase.frame_model import FrameClassifier, save_stage1, train_stage1
+from meddino.tasks.phase.frames import extract_frames
 from meddino.tasks.phase.mstcn import MSTCN
 from meddino.tasks.phase.stage2 import mstcn_probs, train_stage2
 
