@@ -205,11 +205,7 @@ def _run(cfg: PhaseEvalConfig, out: Path, run: RunDir, device: torch.device, t_s
     backbone, size = _backbone(cfg)
 
     # 1. frames
-    cache = Path(d.cache).expanduser() if d.cache else out / "cache"
-    cache = cache / f"frames_{size}px_{d.fps:g}fps"
-    frame_paths = {
-        v.name: extract_frames(v, d.fps, size, cache) for v in track(dataset.videos, "phase frames", unit="video")
-    }
+    frame_paths = _frames(cfg, dataset, size, out)
 
     def pairs(split: str) -> Pairs:
         vids = dataset.split(split)
@@ -251,6 +247,21 @@ def _run(cfg: PhaseEvalConfig, out: Path, run: RunDir, device: torch.device, t_s
     results = _results(cfg, dataset, size, per_video, per_video_frame, pairs_eval, stage1_info,
                        {**stage2_info, "receptive_field": mstcn.receptive_field}, device, t_start)
     write_json(out / "results.json", results)
+    _print_summary(results, out)
+    return 0
+
+
+def _frames(cfg: PhaseEvalConfig, dataset: PhaseDataset, size: int, out: Path) -> dict[str, Path]:
+    """Step 1: every video decoded into the frame cache (one folder per frame size and rate)."""
+    d = cfg.data
+    cache = Path(d.cache).expanduser() if d.cache else out / "cache"
+    cache = cache / f"frames_{size}px_{d.fps:g}fps"
+    return {
+        v.name: extract_frames(v, d.fps, size, cache) for v in track(dataset.videos, "phase frames", unit="video")
+    }
+
+
+def _print_summary(results: dict[str, Any], out: Path) -> None:
     m = results["metrics"]
     print(
         f"phase: {results['split_sizes']['test']} test videos  "
@@ -259,4 +270,3 @@ def _run(cfg: PhaseEvalConfig, out: Path, run: RunDir, device: torch.device, t_s
         f"F1@10/25/50 {m['f1@10']['mean']:.1f}/{m['f1@25']['mean']:.1f}/{m['f1@50']['mean']:.1f}"
         f"  -> {out / 'results.json'}"
     )
-    return 0
