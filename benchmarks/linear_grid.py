@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from meddino.tasks.classify.frozen import fit_heads
+from meddino.tasks.classify.linear_heads import fit_heads
 from meddino.profile.timing import machine_info
 
 

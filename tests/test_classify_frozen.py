@@ -14,17 +14,14 @@ import torch
 from meddino.data.manifest import Manifest
 from meddino.tasks.classify.config import ClassifyConfig
 from meddino.tasks.classify.embed import save_cache
-from meddino.tasks.classify.frozen import (
+from meddino.tasks.classify.frozen import fewshot_draw, run_fewshot, run_knn, run_linear
+from meddino.tasks.classify.linear_heads import (
     batched_logits,
     batched_loss,
     class_scores,
-    fewshot_draw,
     fit_heads,
     head_targets,
     linear_grid,
-    run_fewshot,
-    run_knn,
-    run_linear,
 )
 
 # ------------------------------------------------------------------------------------------------ math

@@ -34,7 +34,8 @@ from meddino.errors import ConfigError, DataError
 from meddino.runlog import Progress, RunDir
 from meddino.tasks.classify.common import load_backbone, load_manifest, model_name
 from meddino.tasks.classify.embed import ImageDataset, check_img_size
-from meddino.tasks.classify.frozen import _print_summary, class_scores, head_targets, output_dim
+from meddino.tasks.classify.frozen import print_summary
+from meddino.tasks.classify.linear_heads import class_scores, head_targets, output_dim
 from meddino.tasks.classify.results import (
     evaluate,
     prediction_rows,
@@ -337,7 +338,7 @@ def run_finetune(cfg: Any, manifest: Manifest | None = None) -> int:
                   predictions={"finetune": "predictions/finetune.csv"}, primary=f"lr={chosen['lr']:g},bs={chosen['batch_size']}",
                   extra={"mode": fc.mode, "sweep": sweep})
     run.close()
-    _print_summary(f"finetune-{fc.mode}", out, chosen["summary"], cfg.level,
+    print_summary(f"finetune-{fc.mode}", out, chosen["summary"], cfg.level,
                    f"lr={chosen['lr']:g} bs={chosen['batch_size']}, {n_trainable} trainable params")
     return 0
 
