@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -268,56 +269,98 @@ def run_finetune(cfg: Any, manifest: Manifest | None = None) -> int:
     device = pick_device(cfg.device)
     model_display = model_name(cfg)
     targets = head_targets(m.labels, m.task)
-    probe = build_model(cfg, m, torch.device("cpu"))
-    mean, std = tuple(probe.backbone.mean), tuple(probe.backbone.std)
-    n_trainable = sum(p.numel() for p in probe.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in probe.parameters())
-    del probe
-    configs: list[dict[str, Any]] = []
-    log_step = 0
-    for c, (lr, bs) in enumerate(_sweep(fc)):
-        per_unit, rows, records, val_losses, val_aurocs = [], [], [], [], []
-        for i, unit in enumerate(units):
-            seed = cfg.seed + i
-            torch.manual_seed(seed)
-            model = build_model(cfg, m, device)
-            size = cfg.data.img_size
-            train_ds = ImageDataset([m.paths[j] for j in unit.train], size, mean, std, hflip=fc.hflip)
-            val_ds = ImageDataset([m.paths[j] for j in unit.val], size, mean, std)
-            test_ds = ImageDataset([m.paths[j] for j in unit.test], size, mean, std)
-
-            def log(**values: Any) -> None:
-                nonlocal log_step
-                run.log(log_step, config=c, lr=lr, batch_size=bs, unit=unit.name, **values)
-                log_step += 1
-
-            info = train_model(model, train_ds, targets[unit.train], val_ds, targets[unit.val], m.task, fc, lr, bs,
-                               device, seed, log)
-            val_loader = _loader(val_ds, max(bs, 32), False, seed, fc.num_workers)
-            _, val_scores = predict(model, val_loader, targets[unit.val], m.task, device)
-            val_metrics = evaluate(m.task, m.labels[unit.val], val_scores, m.patients[unit.val], cfg.threshold)
-            test_loader = _loader(test_ds, max(bs, 32), False, seed, fc.num_workers)
-            _, scores = predict(model, test_loader, targets[unit.test], m.task, device)
-            metrics = evaluate(m.task, m.labels[unit.test], scores, m.patients[unit.test], cfg.threshold)
-            per_unit.append(metrics)
-            val_losses.append(info["best_val_loss"])
-            val_aurocs.append(val_metrics["image"]["auroc"])  # type: ignore[index]
-            rows += prediction_rows(m, unit.test, scores, unit.name, f"lr={lr:g},bs={bs}", "finetune",
-                                    model_display, extra={"mode": fc.mode})
-            records.append({"name": unit.name, "n_train": int(unit.train.size), "n_val": int(unit.val.size),
-                            "n_test": int(unit.test.size), "best_epoch": info["best_epoch"],
-                            "best_val_loss": info["best_val_loss"], "val_auroc": val_metrics["image"]["auroc"],  # type: ignore[index]
-                            "history": info["history"], "metrics_image": metrics["image"],
-                            "metrics_patient": metrics["patient"]})
-            del model
-        configs.append({"lr": lr, "batch_size": bs, "mean_val_loss": float(np.mean(val_losses)),
-                        "mean_val_auroc": float(np.nanmean(val_aurocs)) if np.isfinite(val_aurocs).any() else
-                        float("nan"), "summary": summarize(per_unit, m.names), "units": records, "rows": rows})
+    mean, std, n_trainable, n_total = _probe(cfg, m)
+    log_for = _step_logger(run)
+    configs = [_sweep_config(cfg, m, units, targets, c, lr, bs, (mean, std), device, log_for, model_display)
+               for c, (lr, bs) in enumerate(_sweep(fc))]
     if fc.sweep_select == "val_loss":
         best = min(range(len(configs)), key=lambda i: configs[i]["mean_val_loss"])
     else:
         best = max(range(len(configs)), key=lambda i: np.nan_to_num(configs[i]["mean_val_auroc"], nan=-1.0))
     chosen = configs[best]
+    _write_outputs(cfg, m, out, configs, chosen, n_trainable, n_total, model_display)
+    run.close()
+    print_summary(f"finetune-{fc.mode}", out, chosen["summary"], cfg.level,
+                  f"lr={chosen['lr']:g} bs={chosen['batch_size']}, {n_trainable} trainable params")
+    return 0
+
+
+def _probe(cfg: Any, m: Manifest) -> tuple[tuple[float, ...], tuple[float, ...], int, int]:
+    """The backbone's normalisation and the trainable / total parameter counts, from a model built on CPU."""
+    probe = build_model(cfg, m, torch.device("cpu"))
+    mean, std = tuple(probe.backbone.mean), tuple(probe.backbone.std)
+    n_trainable = sum(p.numel() for p in probe.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in probe.parameters())
+    return mean, std, n_trainable, n_total
+
+
+def _step_logger(run: RunDir) -> Callable[..., Callable[..., None]]:
+    """``for_unit(config, lr, batch_size, unit)`` -> a ``log(**values)`` for :func:`train_model`; one step
+    counter runs through every configuration and unit of the sweep."""
+    step = 0
+
+    def for_unit(c: int, lr: float, bs: int, unit: str) -> Callable[..., None]:
+        def log(**values: Any) -> None:
+            nonlocal step
+            run.log(step, config=c, lr=lr, batch_size=bs, unit=unit, **values)
+            step += 1
+
+        return log
+
+    return for_unit
+
+
+def _sweep_config(cfg: Any, m: Manifest, units: list[Any], targets: torch.Tensor, c: int, lr: float, bs: int,
+                  norm: tuple[tuple[float, ...], tuple[float, ...]], device: torch.device,
+                  log_for: Callable[..., Callable[..., None]], model_display: str) -> dict[str, Any]:
+    """One (lr, batch size) of the sweep trained and evaluated on every unit."""
+    per_unit, rows, records, val_losses, val_aurocs = [], [], [], [], []
+    for i, unit in enumerate(units):
+        metrics, val_auroc, info, unit_rows = _fit_unit(cfg, m, unit, cfg.seed + i, targets, lr, bs, norm, device,
+                                                        log_for(c, lr, bs, unit.name), model_display)
+        per_unit.append(metrics)
+        val_losses.append(info["best_val_loss"])
+        val_aurocs.append(val_auroc)
+        rows += unit_rows
+        records.append({"name": unit.name, "n_train": int(unit.train.size), "n_val": int(unit.val.size),
+                        "n_test": int(unit.test.size), "best_epoch": info["best_epoch"],
+                        "best_val_loss": info["best_val_loss"], "val_auroc": val_auroc,
+                        "history": info["history"], "metrics_image": metrics["image"],
+                        "metrics_patient": metrics["patient"]})
+    return {"lr": lr, "batch_size": bs, "mean_val_loss": float(np.mean(val_losses)),
+            "mean_val_auroc": float(np.nanmean(val_aurocs)) if np.isfinite(val_aurocs).any() else
+            float("nan"), "summary": summarize(per_unit, m.names), "units": records, "rows": rows}
+
+
+def _fit_unit(cfg: Any, m: Manifest, unit: Any, seed: int, targets: torch.Tensor, lr: float, bs: int,
+              norm: tuple[tuple[float, ...], tuple[float, ...]], device: torch.device, log: Callable[..., None],
+              model_display: str) -> tuple[dict[str, Any], Any, dict[str, Any], list[dict[str, Any]]]:
+    """Train a fresh model on one unit -> (test metrics, validation AUROC, training info, prediction rows)."""
+    fc = cfg.finetune
+    mean, std = norm
+    torch.manual_seed(seed)
+    model = build_model(cfg, m, device)
+    size = cfg.data.img_size
+    train_ds = ImageDataset([m.paths[j] for j in unit.train], size, mean, std, hflip=fc.hflip)
+    val_ds = ImageDataset([m.paths[j] for j in unit.val], size, mean, std)
+    test_ds = ImageDataset([m.paths[j] for j in unit.test], size, mean, std)
+    info = train_model(model, train_ds, targets[unit.train], val_ds, targets[unit.val], m.task, fc, lr, bs,
+                       device, seed, log)
+    val_loader = _loader(val_ds, max(bs, 32), False, seed, fc.num_workers)
+    _, val_scores = predict(model, val_loader, targets[unit.val], m.task, device)
+    val_metrics = evaluate(m.task, m.labels[unit.val], val_scores, m.patients[unit.val], cfg.threshold)
+    test_loader = _loader(test_ds, max(bs, 32), False, seed, fc.num_workers)
+    _, scores = predict(model, test_loader, targets[unit.test], m.task, device)
+    metrics = evaluate(m.task, m.labels[unit.test], scores, m.patients[unit.test], cfg.threshold)
+    rows = prediction_rows(m, unit.test, scores, unit.name, f"lr={lr:g},bs={bs}", "finetune",
+                           model_display, extra={"mode": fc.mode})
+    return metrics, val_metrics["image"]["auroc"], info, rows  # type: ignore[index]
+
+
+def _write_outputs(cfg: Any, m: Manifest, out: Path, configs: list[dict[str, Any]], chosen: dict[str, Any],
+                   n_trainable: int, n_total: int, model_display: str) -> None:
+    """The chosen configuration's predictions and results.json, and every configuration's under ``sweep/``."""
+    fc = cfg.finetune
     write_predictions(out / "predictions/finetune.csv", chosen["rows"])
     sweep = []
     for c in configs:
@@ -337,10 +380,6 @@ def run_finetune(cfg: Any, manifest: Manifest | None = None) -> int:
                   summary=chosen["summary"], units=chosen["units"], hyperparameters=hp,
                   predictions={"finetune": "predictions/finetune.csv"}, primary=f"lr={chosen['lr']:g},bs={chosen['batch_size']}",
                   extra={"mode": fc.mode, "sweep": sweep})
-    run.close()
-    print_summary(f"finetune-{fc.mode}", out, chosen["summary"], cfg.level,
-                   f"lr={chosen['lr']:g} bs={chosen['batch_size']}, {n_trainable} trainable params")
-    return 0
 
 
 __all__ = [
