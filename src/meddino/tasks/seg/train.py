@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,31 +134,18 @@ def train_fold(cfg: SegConfig, data: SegData, fold: Any, run: Any, device: torch
     model, size, mean, std = build_model(cfg, data.num_classes)
     model.to(device)
     tc = cfg.train
-    train_ds = FrameDataset(data, _cases(data, fold.train), size, mean, std, train=tc.augment, seed=fold_seed,
-                            rotation_degrees=tc.rotation_degrees)
-    val_ds = FrameDataset(data, _cases(data, fold.val), size, mean, std, train=False)
-    if len(train_ds) == 0:
-        raise DataError(f"fold {fold.index}: no training images")
-    gen = torch.Generator().manual_seed(fold_seed)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, generator=gen,
-                                         num_workers=tc.num_workers, drop_last=len(train_ds) > tc.batch_size,
-                                         persistent_workers=False)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=tc.batch_size, shuffle=False,
-                                             num_workers=tc.num_workers)
-    head_params, enc_params = model.trainable_groups()
-    groups = [{"params": head_params, "lr": tc.lr, "base_lr": tc.lr, "kind": "head"}]
-    if enc_params:
-        groups.append({"params": enc_params, "lr": tc.backbone_lr, "base_lr": tc.backbone_lr, "kind": "backbone"})
-    opt = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
+    train_ds, val_ds, loader, val_loader = _fold_loaders(cfg, data, fold, size, mean, std, fold_seed)
+    opt = _optimizer(model, cfg)
     steps_per_epoch = len(loader) if tc.max_steps_per_epoch is None else min(len(loader), tc.max_steps_per_epoch)
     total_steps = max(1, tc.epochs * steps_per_epoch)
     amp = tc.amp and device.type == "cuda"
     spec = head_spec(cfg.head)
-    eomt = spec.mask_classification
     criterion = None
     if spec.criterion is not None:
         criterion = spec.criterion(data.num_classes, data.ignore_index, spec.options(cfg)).to(device)
     plateau = PlateauScale(tc.plateau_patience, tc.plateau_factor)
+    loop = _Loop(cfg, model, opt, loader, criterion, spec.mask_classification, plateau, device, amp,
+                 data.ignore_index, fold.index, steps_per_epoch, total_steps)
     # strictly higher val Dice than the best so far (-inf to start: epoch 0 always counts, its Dice is never
     # NaN); a tie keeps the earlier epoch; stop after train.early_stop epochs without improvement
     best = BestSnapshot("max", start=-math.inf)
@@ -168,34 +156,7 @@ def train_fold(cfg: SegConfig, data: SegData, fold: Any, run: Any, device: torch
         for epoch in range(tc.epochs):
             train_ds.set_epoch(epoch)
             model.train()
-            losses = []
-            for i, (x, y) in enumerate(loader):
-                if i >= steps_per_epoch:
-                    break
-                for g in opt.param_groups:
-                    factor = plateau.scale
-                    if eomt and g["kind"] == "backbone":
-                        factor *= backbone_warmup(step, cfg.eomt.head_warmup_steps, cfg.eomt.backbone_warmup_steps)
-                    g["lr"] = g["base_lr"] * factor
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device, enabled=amp):
-                    if eomt:
-                        probs = (mask_annealing_probs(step / total_steps, model.head.num_blocks, cfg.eomt.anneal_power)
-                                 if cfg.eomt.mask_annealing else None)
-                        out = model(x, attn_probs=probs, deep_supervision=True)
-                    else:
-                        out = model(x)
-                if eomt:
-                    parts = criterion(out, y)
-                    loss = parts["loss"]
-                else:
-                    loss = F.cross_entropy(out.float(), y, ignore_index=data.ignore_index)
-                losses.append(check_finite(loss, "eval seg", fold=fold.index, epoch=epoch, step=step))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                bar.advance(1, loss=losses[-1])
+            losses, step = _train_epoch(loop, epoch, step, bar)
             val_dice = validate(model, val_loader, data.num_classes, data.ignore_index, device, amp) if len(val_ds) else 0.0
             lrs = {f"lr_{g['kind']}": g["lr"] for g in opt.param_groups}
             run.log(step, fold=fold.index, epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),
@@ -208,6 +169,89 @@ def train_fold(cfg: SegConfig, data: SegData, fold: Any, run: Any, device: torch
     info = {"best_val_dice": best.value, "best_epoch": best.epoch, "epochs_run": epoch + 1, "steps": step,
             "train_seconds": round(time.perf_counter() - t0, 2)}
     return model, info, size, mean, std
+
+
+def _fold_loaders(cfg: SegConfig, data: SegData, fold: Any, size: tuple[int, int], mean: tuple, std: tuple,
+                  fold_seed: int) -> tuple[FrameDataset, FrameDataset, torch.utils.data.DataLoader,
+                                           torch.utils.data.DataLoader]:
+    """The fold's training (augmented, shuffled by a generator seeded with the fold seed) and validation data."""
+    tc = cfg.train
+    train_ds = FrameDataset(data, _cases(data, fold.train), size, mean, std, train=tc.augment, seed=fold_seed,
+                            rotation_degrees=tc.rotation_degrees)
+    val_ds = FrameDataset(data, _cases(data, fold.val), size, mean, std, train=False)
+    if len(train_ds) == 0:
+        raise DataError(f"fold {fold.index}: no training images")
+    gen = torch.Generator().manual_seed(fold_seed)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, generator=gen,
+                                         num_workers=tc.num_workers, drop_last=len(train_ds) > tc.batch_size,
+                                         persistent_workers=False)
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=tc.batch_size, shuffle=False,
+                                             num_workers=tc.num_workers)
+    return train_ds, val_ds, loader, val_loader
+
+
+def _optimizer(model: SegmentationModel, cfg: SegConfig) -> torch.optim.AdamW:
+    """AdamW: the heads at ``train.lr``, a trainable encoder at ``train.backbone_lr``; each group keeps its
+    ``base_lr`` (the plateau scale and EoMT's warm-up multiply it) and its ``kind`` (head / backbone)."""
+    tc = cfg.train
+    head_params, enc_params = model.trainable_groups()
+    groups = [{"params": head_params, "lr": tc.lr, "base_lr": tc.lr, "kind": "head"}]
+    if enc_params:
+        groups.append({"params": enc_params, "lr": tc.backbone_lr, "base_lr": tc.backbone_lr, "kind": "backbone"})
+    return torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
+
+
+@dataclass
+class _Loop:
+    """What every training step of a fold uses (set up once by :func:`train_fold`)."""
+
+    cfg: SegConfig
+    model: SegmentationModel
+    opt: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    criterion: Any  # EoMT's mask-classification loss; None for the per-pixel cross-entropy heads
+    eomt: bool
+    plateau: PlateauScale
+    device: torch.device
+    amp: bool
+    ignore_index: int
+    fold: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def _train_epoch(loop: _Loop, epoch: int, step: int, bar: Progress) -> tuple[list[float], int]:
+    """One epoch of at most ``steps_per_epoch`` steps -> (the steps' losses, the step count after it)."""
+    cfg, model, opt, device = loop.cfg, loop.model, loop.opt, loop.device
+    losses = []
+    for i, (x, y) in enumerate(loop.loader):
+        if i >= loop.steps_per_epoch:
+            break
+        for g in opt.param_groups:
+            factor = loop.plateau.scale
+            if loop.eomt and g["kind"] == "backbone":
+                factor *= backbone_warmup(step, cfg.eomt.head_warmup_steps, cfg.eomt.backbone_warmup_steps)
+            g["lr"] = g["base_lr"] * factor
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, enabled=loop.amp):
+            if loop.eomt:
+                probs = (mask_annealing_probs(step / loop.total_steps, model.head.num_blocks, cfg.eomt.anneal_power)
+                         if cfg.eomt.mask_annealing else None)
+                out = model(x, attn_probs=probs, deep_supervision=True)
+            else:
+                out = model(x)
+        if loop.eomt:
+            parts = loop.criterion(out, y)
+            loss = parts["loss"]
+        else:
+            loss = F.cross_entropy(out.float(), y, ignore_index=loop.ignore_index)
+        losses.append(check_finite(loss, "eval seg", fold=loop.fold, epoch=epoch, step=step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.advance(1, loss=losses[-1])
+    return losses, step
 
 
 def evaluate_fold(model: SegmentationModel, data: SegData, cases: list[SegCase], fold: int, size: tuple[int, int],
