@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 from meddino.config import Schema
@@ -94,8 +95,6 @@ def _run(path: str, *overrides: object, recipe: str | None = None, **values: obj
 
 def generic_start() -> Path:
     """The shipped generic start checkpoint (tiny DINOv2 ViT pretrained on natural photos)."""
-    from importlib.resources import files
-
     path = Path(str(files("meddino") / "assets" / "generic_dinov2_tiny.safetensors"))
     if not path.is_file():
         raise UserError(f"demo: the generic start checkpoint {path} is missing from this install; "
@@ -107,8 +106,21 @@ def _step(n: int, text: str) -> None:
     print(f"\n[{n}/6] {text}", flush=True)
 
 
+def _evaluate(name: str, spec: Path, tag: str, folds: Path, seg_manifest: Path, classes: list[str], runs: Path,
+              plan: DemoPlan) -> None:
+    """kNN, linear probe and frozen-encoder segmentation of one backbone."""
+    common = [f"data.manifest={folds}", f"backbone={spec}", f"model_name={name}", "dataset_name=MNI152 level"]
+    _run("eval knn", *common, f"data.img_size={plan.size}", f"out={runs / f'knn_{tag}'}", recipe="knn_tiny")
+    _run("eval linear", *common, f"data.img_size={plan.size}", f"linear.epochs={plan.linear_epochs}",
+         f"out={runs / f'linear_{tag}'}", recipe="linear_tiny")
+    _run("eval seg", f"data.manifest={seg_manifest}", f"backbone={spec}", f"model_name={name}",
+         "dataset_name=MNI152 tissue", "head=linear", f"data.image_size={plan.size}",
+         f"data.classes={classes}", "data.folds=3", f"train.epochs={plan.seg_epochs}",
+         f"out={runs / f'seg_{tag}'}", recipe="seg_tiny")
+
+
 def run_demo(out: Path, plan: DemoPlan = FULL) -> Path:
-    import torch
+    import torch  # torch, numpy, the models: only once the demo runs, not for `meddino --help`
 
     from meddino.data.bundled import SEG_CLASSES, build_demo_data
     from meddino.models import build_backbone, export_backbone
@@ -144,15 +156,7 @@ def run_demo(out: Path, plan: DemoPlan = FULL) -> Path:
 
     _step(4, "classification (kNN, linear probe) and frozen-encoder segmentation: random vs generic vs continued")
     for i, (name, spec) in enumerate(backbones.items()):
-        tag = f"m{i}"
-        common = [f"data.manifest={folds}", f"backbone={spec}", f"model_name={name}", "dataset_name=MNI152 level"]
-        _run("eval knn", *common, f"data.img_size={plan.size}", f"out={runs / f'knn_{tag}'}", recipe="knn_tiny")
-        _run("eval linear", *common, f"data.img_size={plan.size}", f"linear.epochs={plan.linear_epochs}",
-             f"out={runs / f'linear_{tag}'}", recipe="linear_tiny")
-        _run("eval seg", f"data.manifest={data.seg_manifest}", f"backbone={spec}", f"model_name={name}",
-             "dataset_name=MNI152 tissue", "head=linear", f"data.image_size={plan.size}",
-             f"data.classes={list(SEG_CLASSES)}", "data.folds=3", f"train.epochs={plan.seg_epochs}",
-             f"out={runs / f'seg_{tag}'}", recipe="seg_tiny")
+        _evaluate(name, spec, f"m{i}", folds, data.seg_manifest, list(SEG_CLASSES), runs, plan)
 
     for snapshot in snapshots[:-1]:  # kNN along the pretraining run
         iteration = int(snapshot.stem.rsplit("_", 1)[-1])
