@@ -376,3 +376,17 @@ def test_export_of_hf_dinov1_keeps_its_layernorm_eps(tmp_path, x):
         ref = model(pixel_values=x).last_hidden_state
     torch.testing.assert_close(_features(load_backbone(path), x), ref, atol=ATOL, rtol=0)
     timm.create_model(meta["timm_name"], pretrained=False, num_classes=0, **meta["timm_kwargs"])  # plain timm builds it
+
+
+def test_export_of_another_dino_version_is_refused_for_a_named_arch(tmp_path, cli):
+    """A DINOv1 export is not a DINOv2 backbone: naming dinov2_tiny refuses it (file, found, asked), in the
+    API and through `meddino convert --arch`, and nothing is written."""
+    v1 = export_backbone(build_backbone("dinov1_tiny"), tmp_path / "v1_tiny")
+    with pytest.raises(CheckpointError, match=r"v1_tiny.safetensors: checkpoint has DINO version v1 but "
+                                              r"architecture 'dinov2_tiny' has v2"):
+        load_backbone(v1, arch="dinov2_tiny")
+    assert load_backbone(v1, arch="dinov1_tiny").version == "v1"
+    res = cli("convert", v1, tmp_path / "as_v2", "--arch", "dinov2_tiny")
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "version v1" in res.stderr and "'dinov2_tiny' has v2" in res.stderr
+    assert not (tmp_path / "as_v2.safetensors").exists()

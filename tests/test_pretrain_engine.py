@@ -224,6 +224,19 @@ def test_init_patch_size_mismatch_is_one_line(images, tmp_path):
         run_pretrain(config("dinov2_tiny", images, tmp_path / "run", f"init={init}", "train.iterations=2"))
 
 
+def test_init_of_another_dino_version_is_refused(images, tmp_path):
+    """dinov2_tiny continued from a DINOv1 export would train a v1 backbone under a v2 config: refused, naming
+    the file, the version found and the version asked for."""
+    from meddino.errors import CheckpointError
+    from meddino.models import build_backbone, export_backbone
+
+    init = export_backbone(build_backbone("dinov1_tiny"), tmp_path / "v1.safetensors")
+    with pytest.raises(CheckpointError, match=r"init: .*v1.safetensors holds a DINOv1 backbone but "
+                                              r"model.arch=dinov2_tiny is a DINOv2 architecture"):
+        run_pretrain(config("dinov2_tiny", images, tmp_path / "run", f"init={init}", "train.iterations=2"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_nonfinite_loss_stops_with_one_line(images, tmp_path, capsys):
     """The CLI entry point in-process (same code path as the console script, without the import cost)."""
     from meddino.cli import main

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from meddino.config import Schema
-from meddino.models.archs import ALIASES
+from meddino.models.archs import ALIASES, version_of_timm_name
 
 Version = Literal["v1", "v2", "v3"]
 
@@ -352,6 +352,12 @@ class PretrainConfig(Schema):
         if koleo > 0 and self.data.batch_size < 2:
             raise ValueError("data.batch_size: KoLeo needs at least 2 images per process (or method.koleo_weight=0)")
         return self
+
+
+def arch_version(arch: str) -> str | None:
+    """The DINO version ("v1", "v2", "v3") of an architecture alias or timm ViT name (None when unknown)."""
+    spec = ALIASES.get(arch)
+    return spec.version if spec is not None else version_of_timm_name(arch)
 
 
 def arch_patch_size(arch: str) -> int | None:

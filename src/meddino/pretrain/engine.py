@@ -40,10 +40,10 @@ import torch
 from torch import nn
 
 from meddino import ssl
-from meddino.errors import ConfigError, DataError, TrainingDiverged, UserError
+from meddino.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UserError
 from meddino.models import export_backbone, resolve_backbone
 from meddino.pretrain import checkpoint as ckpt
-from meddino.pretrain.config import PretrainConfig, arch_patch_size
+from meddino.pretrain.config import PretrainConfig, arch_patch_size, arch_version
 from meddino.pretrain.data import (
     CropDataset,
     StepBatchSampler,
@@ -102,6 +102,13 @@ class Trainer:
         img_size = cfg.model.img_size or cfg.crops.global_size
         if cfg.init:
             backbone = resolve_backbone(cfg.init, img_size=img_size, drop_path_rate=cfg.model.drop_path)
+            asked, found = arch_version(cfg.model.arch), getattr(backbone, "version", "cnn")
+            if asked and found not in (asked, "cnn"):
+                raise CheckpointError(
+                    f"init: {cfg.init} holds a DINO{found} backbone but model.arch={cfg.model.arch} is a "
+                    f"DINO{asked} architecture; set model.arch to a {found} architecture to continue it "
+                    "(the objective stays the recipe's)"
+                )
             want = arch_patch_size(cfg.model.arch)
             if want and backbone.patch_size != want:
                 raise ConfigError(

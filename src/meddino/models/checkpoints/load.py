@@ -92,6 +92,12 @@ def _check_against_arch(arch: str, inferred: dict[str, Any], version: str, path:
     return kwargs
 
 
+def _export_geometry(backbone: Backbone) -> dict[str, Any]:
+    """What :func:`_check_against_arch` compares, read off a loaded export."""
+    return {"patch_size": backbone.patch_size, "embed_dim": backbone.embed_dim, "depth": backbone.depth,
+            "reg_tokens": backbone.num_registers, "img_size": backbone.img_size}
+
+
 def _resample_pos_embed(state: dict[str, torch.Tensor], backbone: Backbone) -> tuple[int, int] | None:
     """Resample ``pos_embed`` once to the module's grid in the backbone's mode (CLS position unchanged).
 
@@ -143,7 +149,11 @@ def load_backbone(
 
     sidecar = export_sidecar(path)
     if sidecar is not None:
-        return _load_export(path, sidecar, img_size, drop_path_rate, verbose, pos_embed_resample, resize_pos_embed)
+        backbone = _load_export(path, sidecar, img_size, drop_path_rate, verbose, pos_embed_resample,
+                                resize_pos_embed)
+        if arch is not None and sidecar.get("version") != "cnn":  # an export must match a named arch too
+            _check_against_arch(arch, _export_geometry(backbone), backbone.version, path)
+        return backbone
     state, layout, hints, ignored, swiglu = _timm_state(path, key)
     family = "eva" if (layout in ("official_v3", "timm_eva") or hints.get("family") == "eva") else "vit"
     timm_name, version, kwargs = infer_arch(state, family, swiglu or hints.get("swiglu", False))
