@@ -25,9 +25,25 @@ from meddino.config import to_yaml
 T = TypeVar("T")
 
 
+def umask_mode() -> int:
+    """The mode a new file gets from ``open()``: 0666 less the process's umask (read without changing it
+    where /proc says it, else by the classic set-and-restore)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[Any]:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``: all or nothing."""
+    """Write to a temp file in the same folder, fsync, then rename over ``path``: all or nothing. The file
+    gets the permissions a plain ``open`` would give (the user's umask), not the temp file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -36,6 +52,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[Any]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -54,6 +71,7 @@ def atomic_path(path: str | Path) -> contextlib.AbstractContextManager[Path]:
         os.close(fd)
         try:
             yield Path(tmp)
+            os.chmod(tmp, umask_mode())
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -30,6 +30,11 @@ from meddino.pretrain.distributed import all_gather_object, full_state_dict, loa
 from meddino.runlog import atomic_path, atomic_write, read_metrics
 
 _NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
+_EXPORT = re.compile(r"^teacher_backbone_(\d+)\.(safetensors|json)$")
+# the temp files of runlog.atomic_write/atomic_path (".NAME.<8 random chars><suffix>") for the files a run
+# writes into its folder and checkpoints/: a kill during a write leaves one behind
+_TEMP = re.compile(r"^\.(checkpoint_\d+\.pt|teacher_backbone(_\d+)?\.(safetensors|json)|config\.yaml|"
+                   r"metrics\.jsonl|results\.json)\.[A-Za-z0-9_]{8}(\.pt|\.safetensors|\.json|\.tmp)$")
 
 
 def checkpoint_path(folder: Path, iteration: int) -> Path:
@@ -69,12 +74,31 @@ def save_checkpoint(folder: Path, iteration: int, state: dict[str, Any], keep_la
 
 
 def prune(folder: Path, keep_last: int) -> None:
+    """Keep the ``keep_last`` newest checkpoints, and the teacher exports of exactly those: an export whose
+    checkpoint is gone (pruned, or never completed because the run was killed in between) goes too."""
+    folder = Path(folder)
     items = list_checkpoints(folder)
-    for it, p in items[: max(len(items) - keep_last, 0)]:
+    for _, p in items[: max(len(items) - keep_last, 0)]:
         p.unlink(missing_ok=True)
-        exp = export_path(folder, it)
-        exp.unlink(missing_ok=True)
-        exp.with_suffix(".json").unlink(missing_ok=True)
+    kept = {it for it, _ in list_checkpoints(folder)}
+    for p in folder.iterdir():
+        m = _EXPORT.match(p.name)
+        if m and int(m.group(1)) not in kept:
+            p.unlink(missing_ok=True)
+
+
+def remove_stale_temp_files(*folders: Path) -> list[Path]:
+    """Delete the temp files a killed write left in a run's folders (nothing else: only the temp names of
+    the files a pretraining run writes); returns what was removed."""
+    removed = []
+    for folder in folders:
+        if not Path(folder).is_dir():
+            continue
+        for p in Path(folder).iterdir():
+            if _TEMP.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -132,6 +132,10 @@ class Trainer:
         """Everything but the data: student/teacher, optimiser, schedules (the epoch length of v1 is the
         number of full global batches in ``n_samples``), resume state, DDP wrapping, monitor."""
         cfg, env = self.cfg, self.env
+        if env.is_main:  # a kill during an atomic write leaves its temp file: nothing else ever removes it
+            stale = ckpt.remove_stale_temp_files(self.out, self.ckpt_dir)
+            if stale:
+                print(f"removed {len(stale)} temp file(s) of an interrupted write in {self.out}", file=sys.stderr)
         resume_path = ckpt.resume_path(self.cfg.resume, self.ckpt_dir, self.out)
         torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
         backbone = self._build_backbone()

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from meddino.models.backbone import Backbone, CNNBackbone
@@ -56,10 +56,23 @@ def export_backbone(module: nn.Module, path: str | Path) -> Path:
         "weights": path.name,
         "mask_token": mask_token,
     }
+    data = save(state, metadata={"format": EXPORT_FORMAT, "arch": json.dumps(arch, sort_keys=True)})
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": EXPORT_FORMAT, "arch": json.dumps(arch)})
+        tmp.write_bytes(sorted_header(data))
     write_json(path.with_suffix(".json"), meta)
     return path
+
+
+def sorted_header(data: bytes) -> bytes:
+    """A safetensors file with its JSON header's keys in sorted order, so the same weights always give the
+    same bytes (safetensors writes the header from a hash map, in an order that changes from process to
+    process). The tensor data and the offsets into it are unchanged; the header is padded with spaces to a
+    multiple of 8 bytes, as safetensors pads it."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def _timm_defaults_note() -> dict[str, Any]:
