@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import pytest
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from meddino.config import Schema, deep_merge, load_config, parse_overrides
 from meddino.errors import ConfigError
@@ -70,6 +70,51 @@ def test_validation_errors_name_the_key_in_one_line(override, message):
         load_config(Run, None, [override])
     text = str(info.value)
     assert message in text and "\n" not in text
+
+
+class Labels(Schema):
+    positive_class: str | None = None
+    title: str = ""
+    window: str | list[float] | None = None
+    count: int = 0
+
+
+def test_overrides_of_text_fields_keep_their_text():
+    """YAML reads `1` as an int and `007` as 7: a field that takes only text gets the text as typed."""
+    cfg = load_config(Labels, None, ["positive_class=1", "title=007", "window=2", "count=3"])
+    assert cfg.positive_class == "1" and cfg.title == "007" and cfg.count == 3
+    assert cfg.window == "2"  # takes text or a list, not a number: the text
+
+
+def test_errors_of_an_override_blame_the_override_not_the_recipe(tmp_path):
+    (tmp_path / "r.yaml").write_text("train:\n  iterations: 3\n")
+    for override, expected in [
+        ("train.iteratons=5", "override train.iteratons=5: unknown key 'train.iteratons'"),
+        ("train.iterations=abc", "override train.iterations=abc: key 'train.iterations'"),
+        ("train=5", "override train=5: key 'train'"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_config(Run, str(tmp_path / "r.yaml"), [override])
+        assert str(info.value).startswith(expected) and "r.yaml" not in str(info.value), str(info.value)
+    (tmp_path / "bad.yaml").write_text("train:\n  iteratons: 3\n")
+    with pytest.raises(ConfigError, match=r"^config bad.yaml: unknown key 'train.iteratons'"):
+        load_config(Run, str(tmp_path / "bad.yaml"), ["optim.lr=0.1"])
+
+
+def test_a_rule_over_several_keys_prints_no_root_key():
+    class Pair(Schema):
+        a: int = 0
+        b: int = 0
+
+        @model_validator(mode="after")
+        def _ordered(self):  # noqa: ANN202
+            if self.a > self.b:
+                raise ValueError("a must not exceed b")
+            return self
+
+    with pytest.raises(ConfigError) as info:
+        load_config(Pair, None, ["a=2", "b=1"])
+    assert str(info.value) == "config: a must not exceed b"
 
 
 def test_unknown_recipe_and_missing_file(tmp_path):

@@ -9,9 +9,10 @@ and command-line overrides, and validates the result before any work starts. A m
 from __future__ import annotations
 
 import difflib
+import types
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -140,10 +141,14 @@ def validate(schema: type[S], data: dict[str, Any], source: str = "config") -> S
         raise ConfigError(describe_validation_error(exc, schema, source)) from None
 
 
+def _error_loc(exc: ValidationError) -> list[str]:
+    return [str(p) for p in exc.errors()[0].get("loc", ()) if not str(p).startswith("function-after")]
+
+
 def describe_validation_error(exc: ValidationError, schema: type[BaseModel], source: str) -> str:
     err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith("function-after")]
-    key = ".".join(loc) or "<root>"
+    loc = _error_loc(exc)
+    key = ".".join(loc)
     kind = err.get("type", "")
     if kind == "extra_forbidden":
         fields = _fields_at(schema, loc[:-1])
@@ -155,17 +160,77 @@ def describe_validation_error(exc: ValidationError, schema: type[BaseModel], sou
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     given = err.get("input")
     shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+    if not key:  # a rule over several keys (a model validator): its message names them
+        return f"{source}: {msg}"
     return f"{source}: key '{key}': {msg}{shown}"
 
 
-def _fields_at(schema: type[BaseModel], path: list[str]) -> list[str]:
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config section inside an annotation (``Section`` or ``Section | None``), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if (model := _model_in(arg)) is not None:
+            return model
+    return None
+
+
+def _annotation_at(schema: type[BaseModel], path: list[str]) -> Any:
+    """The annotation of the field at ``path`` (None when there is no such field)."""
     model: Any = schema
+    annotation = None
     for part in path:
-        field = getattr(model, "model_fields", {}).get(part)
+        field = getattr(model, "model_fields", {}).get(part) if model is not None else None
         if field is None:
-            return []
-        model = field.annotation
+            return None
+        annotation = field.annotation
+        model = _model_in(annotation)
+    return annotation
+
+
+def _fields_at(schema: type[BaseModel], path: list[str]) -> list[str]:
+    model = _model_in(_annotation_at(schema, path)) if path else schema
     return list(getattr(model, "model_fields", {}).keys())
+
+
+def _scalar_types(annotation: Any) -> set[Any]:
+    """The plain types a field accepts (unions flattened; a Literal counts as the types of its values)."""
+    if get_origin(annotation) is Literal:
+        return {type(a) for a in get_args(annotation)}
+    if get_origin(annotation) in (Union, types.UnionType):
+        return set().union(*(_scalar_types(a) for a in get_args(annotation)))
+    return {annotation}
+
+
+def _takes_text_only(annotation: Any) -> bool:
+    """A field that takes strings but none of the numbers or booleans YAML reads ``1`` or ``yes`` as."""
+    types = _scalar_types(annotation)
+    return str in types and not types & {int, float, bool}
+
+
+def _overrides_as_typed(schema: type[BaseModel], overrides: list[str]) -> dict[str, Any]:
+    """The overrides as a nested dict; where a field takes only text, the text as given (``positive_class=1``
+    is the label "1", not the integer 1, and ``title=007`` keeps its zeros)."""
+    data = parse_overrides(overrides)
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        node: Any = data
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(parts[-1]), (int, float, bool)) \
+                and _takes_text_only(_annotation_at(schema, parts)):
+            node[parts[-1]] = raw.strip()
+    return data
+
+
+def _blamed_override(loc: list[str], overrides: list[str]) -> str | None:
+    """The command-line override an error is about (its key, a key above it or below it), if any."""
+    for item in reversed(overrides):  # the last one given wins
+        key = item.partition("=")[0].strip().split(".")
+        if loc and (loc[: len(key)] == key or key[: len(loc)] == loc):
+            return item
+    return None
 
 
 def load_config(
@@ -187,10 +252,16 @@ def load_config(
         path = find_recipe(spec, group)
         data = load_yaml(path)
         named = f"config {path.name}"
-    data = deep_merge(data, parse_overrides(list(overrides or [])))
+    overrides = list(overrides or [])
+    data = deep_merge(data, _overrides_as_typed(schema, overrides))
     for key, value in (values or {}).items():
         set_dotted(data, key, value)
-    return validate(schema, data, source or named)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        blamed = _blamed_override(_error_loc(exc), overrides)
+        where = f"override {blamed}" if blamed else (source or named)
+        raise ConfigError(describe_validation_error(exc, schema, where)) from None
 
 
 def to_yaml(cfg: BaseModel) -> str:
