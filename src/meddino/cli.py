@@ -90,6 +90,10 @@ def add_verb(sub: argparse._SubParsersAction, verb: Verb) -> argparse.ArgumentPa
         parser.add_argument("--config", "-c", default=default,
                             help="recipe name (see `meddino recipes`) or YAML path"
                             + (f"; default {default}" if default else ""))
+    if verb.run_folder:
+        parser.add_argument("--force", action="store_true",
+                            help=f"write into an existing {verb.run_folder}= folder that holds other files "
+                            "(only the files this verb writes are overwritten)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help=verb.overrides_help)
     parser.set_defaults(handler=_handler(verb), verb=verb)
     return parser
@@ -107,7 +111,8 @@ def _handler(verb: Verb) -> Callable[[argparse.Namespace], int]:
                 overrides += [g for g in given if "=" in g]
                 given = [g for g in given if "=" not in g]
             values[arg.key] = given
-        return run_verb(verb, getattr(args, "config", None), overrides + list(args.overrides), values)
+        return run_verb(verb, getattr(args, "config", None), overrides + list(args.overrides), values,
+                        force=getattr(args, "force", False))
 
     return handle
 

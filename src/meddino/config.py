@@ -260,7 +260,9 @@ def load_config(
         return schema.model_validate(data)
     except ValidationError as exc:
         blamed = _blamed_override(_error_loc(exc), overrides)
-        where = f"override {blamed}" if blamed else (source or named)
+        where = source or named
+        if blamed:  # the verb's own name for its config, if it has one, then the override
+            where = f"{source}: override {blamed}" if source else f"override {blamed}"
         raise ConfigError(describe_validation_error(exc, schema, where)) from None
 
 

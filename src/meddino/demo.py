@@ -62,6 +62,8 @@ VERBS = (
         schema="meddino.demo:DemoConfig",
         run="meddino.demo:run",
         source="demo takes only out=DIR",
+        run_folder="out",
+        rerun=True,  # a second demo into its folder redoes it (pretraining resumes)
         args=(Arg("--quick", "quick", switch=True, help="smaller images and fewer iterations (< 3 minutes)"),),
         overrides_help="out=DIR (default runs/demo)",
     ),
@@ -86,7 +88,7 @@ def _run(path: str, *overrides: object, recipe: str | None = None, **values: obj
     """One verb, exactly as ``meddino PATH [--config RECIPE] OVERRIDES`` runs it; a failure stops the demo
     with that verb's message."""
     try:
-        code = run_verb(STEPS[path], recipe, [str(o) for o in overrides], values)
+        code = run_verb(STEPS[path], recipe, [str(o) for o in overrides], values, force=True)
     except UserError as exc:
         raise UserError(f"demo step `meddino {path}` failed: {exc}") from None
     if code != 0:

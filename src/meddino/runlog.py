@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from meddino.config import to_yaml
+from meddino.errors import UserError
 
 T = TypeVar("T")
 
@@ -95,6 +96,51 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+RUN_MARKER = "meddino_run.json"  # which verb wrote a run folder, and whether that run completed
+
+
+def claim_run_folder(path: str | Path, verb: str, force: bool = False, rerun: bool = False) -> Path:
+    """Make ``path`` this ``verb``'s run folder. It may be new, empty, a run of this verb that did not
+    complete (a failed or killed attempt), or (``rerun``) a completed run of this verb; anything else is
+    refused in one line naming what is there, unless ``force`` (then only the files this verb writes are
+    overwritten). :func:`complete_run_folder` marks the run complete. On ranks other than 0 it only
+    returns the path."""
+    folder = Path(path).expanduser()
+    if not _is_main_process():
+        return folder
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"out: {folder} is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        owner, complete = _run_owner(folder)
+        if owner != verb or (complete and not rerun):
+            if owner:
+                what = f"a {'' if complete else 'failed '}`meddino {owner}` run"
+            else:
+                names = sorted(p.name for p in folder.iterdir())
+                what = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            how = " (resume=auto continues it)" if owner == verb == "pretrain" else ""
+            raise UserError(f"out: {folder} already holds {what}{how}; choose a new or empty folder, or add "
+                            f"--force to overwrite the files `meddino {verb}` writes there")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / RUN_MARKER, {"verb": verb, "complete": False})
+    return folder
+
+
+def complete_run_folder(path: str | Path, verb: str) -> None:
+    """Record that ``verb``'s run in ``path`` completed (a later run of it needs rerun or --force)."""
+    if _is_main_process() and Path(path).expanduser().is_dir():
+        write_json(Path(path).expanduser() / RUN_MARKER, {"verb": verb, "complete": True})
+
+
+def _run_owner(folder: Path) -> tuple[str | None, bool]:
+    """(the verb that wrote ``folder``, whether its run completed); (None, False) without a marker."""
+    try:
+        marker = json.loads((folder / RUN_MARKER).read_text())
+        return str(marker["verb"]), bool(marker.get("complete", True))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, False
 
 
 class RunDir:

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from meddino.runlog import claim_run_folder, complete_run_folder
+
 
 @dataclass(frozen=True)
 class Arg:
@@ -57,6 +59,12 @@ class Verb:
     prefixed: tuple[tuple[str, str], ...] = ()
     source: str | None = None  # how config errors name the config (default: the recipe file, or "config")
     uses_torch: bool = True  # False: a listing that loads no torch, so no CPU-thread set-up first
+    # the config key of the run folder the verb writes: new, empty, a failed attempt of this verb, or
+    # (``rerun``) a completed run of this verb (runlog.claim_run_folder)
+    run_folder: str | None = None
+    # True: running again into its own completed folder is the normal use (it refreshes or reuses it); a
+    # config key: only when that key is set (pretrain's ``resume``); False: a second run needs --force
+    rerun: bool | str = False
 
     @property
     def path(self) -> str:
@@ -85,7 +93,19 @@ def load_verb_config(verb: Verb, recipe: str | None = None, overrides: Iterable[
 
 
 def run_verb(verb: Verb, recipe: str | None = None, overrides: Iterable[str] = (),
-             values: dict[str, Any] | None = None) -> int:
-    """Validate the config, then call the verb's runner; returns its exit code."""
+             values: dict[str, Any] | None = None, force: bool = False) -> int:
+    """Validate the config, claim the run folder (nothing already there is overwritten unless ``force``),
+    then call the verb's runner; returns its exit code."""
     cfg = load_verb_config(verb, recipe, overrides, values)
-    return int(load_attr(verb.run)(cfg) or 0)
+    folder = None
+    if verb.run_folder:
+        folder = cfg
+        for part in verb.run_folder.split("."):
+            folder = getattr(folder, part)
+        if folder:
+            rerun = verb.rerun if isinstance(verb.rerun, bool) else bool(getattr(cfg, verb.rerun, None))
+            claim_run_folder(folder, verb.path, force=force, rerun=rerun)
+    code = int(load_attr(verb.run)(cfg) or 0)
+    if folder and code == 0:
+        complete_run_folder(folder, verb.path)
+    return code

@@ -16,6 +16,7 @@ VERBS = (
         schema="meddino.data.video:ExtractFramesConfig",
         run="meddino.data.video:run_extract_frames",
         recipes="data",
+        run_folder="out",
         args=(Arg("video", "video", help="a video file, or a folder searched recursively for videos"),),
     ),
 )

@@ -13,6 +13,8 @@ VERBS = (
         run="meddino.pretrain.engine:run_pretrain",
         recipes="pretrain",
         default_recipe="dinov2_vits14",
+        run_folder="out",
+        rerun="resume",
     ),
 )
 

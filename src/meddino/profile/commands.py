@@ -16,6 +16,7 @@ VERBS = (
         "Prints a table and writes OUT/profile.json, which `meddino report` picks up.",
         schema="meddino.profile.run:ProfileConfig",
         run="meddino.profile.commands:run",
+        run_folder="out",
         args=(
             Arg("--backbone", "backbone", help="backbone spec: checkpoint path, random:<arch> or timm:<name>"),
             Arg("--recipe", "recipe", help="pretraining recipe name or YAML to profile (recipe.KEY=VALUE overrides it)"),

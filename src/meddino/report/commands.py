@@ -14,6 +14,8 @@ VERBS = (
         "and OUT/figures/*.png. OUT defaults to RUNS_DIR/report.",
         schema="meddino.report.model:ReportConfig",
         run="meddino.report.commands:run",
+        run_folder="out",
+        rerun=True,  # a report is refreshed in place as runs are added
         args=(Arg("runs", "runs", metavar="RUNS_DIR", help="folder holding run folders (searched recursively)"),),
         overrides_help="out=DIR bootstrap.samples=1000 bootstrap.seed=0 bootstrap.alpha=0.05 title=TEXT "
         "compare=[MODEL_A, MODEL_B] (opens the summary with one sentence on A against B) p_better=0.95",

@@ -14,6 +14,7 @@ VERBS = (
         "writes the last block's CLS attention maps.",
         schema="meddino.viz.run:VizConfig",
         run="meddino.viz.commands:run",
+        run_folder="out",
         args=(
             Arg("images", "images", nargs="+", help="image files or folders"),
             Arg("--backbone", "backbones", repeat=True, required=True, help="backbone spec (repeatable)"),

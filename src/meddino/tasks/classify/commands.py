@@ -14,12 +14,12 @@ _HERE = "meddino.tasks.classify.runners"
 
 def _eval(name: str, help: str, default_recipe: str) -> Verb:
     return Verb(name, group="eval", help=help, schema=_SCHEMA, run=f"{_HERE}:{name}", recipes="classify",
-                default_recipe=default_recipe)
+                default_recipe=default_recipe, run_folder="out")
 
 
 VERBS = (
     Verb("embed", help="embed a labelled manifest with a frozen backbone (cache for frozen heads)", schema=_SCHEMA,
-         run=f"{_HERE}:embed", recipes="classify"),
+         run=f"{_HERE}:embed", recipes="classify", run_folder="out"),
     _eval("knn", "weighted kNN on frozen features (classification)", "seed001_knn"),
     _eval("linear", "linear-probe grid on frozen features (classification)", "seed001_linear"),
     _eval("fewshot", "few-shot linear probes, N patients per class (classification)", "seed001_fewshot"),

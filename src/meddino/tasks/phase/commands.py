@@ -13,6 +13,8 @@ VERBS = (
         run="meddino.tasks.phase.train:run_eval",
         recipes="phase",
         default_recipe="autolaparo",
+        run_folder="out",
+        rerun=True,  # a rerun reuses the stage-1 model and the cached features of its folder
     ),
     Verb(
         "phase",

@@ -12,6 +12,7 @@ VERBS = (
         schema="meddino.tasks.seg.config:SegConfig",
         run="meddino.tasks.seg.train:run_eval_seg",
         recipes="seg",
+        run_folder="out",
     ),
     Verb(
         "seg",
@@ -22,6 +23,7 @@ VERBS = (
         schema="meddino.tasks.seg.config:SegPredictConfig",
         run="meddino.tasks.seg.predict:run_predict_seg",
         source="predict seg",
+        run_folder="out",
         args=(
             Arg("--model", "model", required=True, help="run folder of `meddino eval seg` (or its model/ folder)"),
             Arg("input", "input", help="image file, folder of images/volumes, or a volume"),

@@ -1,0 +1,74 @@
+"""No silent overwrite: a verb's out= folder may be new, empty, or a folder this verb may rerun into;
+anything else is one line and exit code 2 naming what is there, unless --force."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meddino.errors import UserError
+from meddino.runlog import RUN_MARKER, claim_run_folder, complete_run_folder
+
+
+def _pretrain_run(folder):
+    folder.mkdir(parents=True)
+    (folder / RUN_MARKER).write_text(json.dumps({"verb": "pretrain", "complete": True}))
+    (folder / "config.yaml").write_text("the pretraining run's config\n")
+    return folder
+
+
+def test_new_empty_own_and_forced_folders(tmp_path):
+    assert claim_run_folder(tmp_path / "new" / "run", "eval knn").is_dir()
+    assert json.loads((tmp_path / "new" / "run" / RUN_MARKER).read_text()) == {"verb": "eval knn", "complete": False}
+    (tmp_path / "empty").mkdir()
+    claim_run_folder(tmp_path / "empty", "eval knn")
+    claim_run_folder(tmp_path / "empty", "eval knn")  # the first attempt failed (not complete): try again
+    complete_run_folder(tmp_path / "empty", "eval knn")
+    with pytest.raises(UserError, match=r"already holds a `meddino eval knn` run; .*--force"):
+        claim_run_folder(tmp_path / "empty", "eval knn")  # no rerun: a second kNN run needs --force
+    claim_run_folder(tmp_path / "empty", "eval knn", force=True)
+    report = claim_run_folder(tmp_path / "r", "report", rerun=True)
+    complete_run_folder(report, "report")
+    claim_run_folder(report, "report", rerun=True)  # a report refreshes its own folder
+
+
+def test_other_runs_and_user_folders_are_refused_in_one_line(tmp_path):
+    run = _pretrain_run(tmp_path / "pre")
+    with pytest.raises(UserError) as info:
+        claim_run_folder(run, "eval knn", rerun=True)
+    assert "already holds a `meddino pretrain` run" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(UserError, match=r"resume=auto continues it"):
+        claim_run_folder(run, "pretrain")
+    claim_run_folder(run, "pretrain", rerun=True)  # resume=auto
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my own notes\n")
+    with pytest.raises(UserError, match=r"already holds config.yaml;"):
+        claim_run_folder(mine, "pretrain", rerun=True)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"is a file, not a folder"):
+        claim_run_folder(tmp_path / "file", "viz pca")
+    assert (run / "config.yaml").read_text() == "the pretraining run's config\n"
+
+
+def test_the_cli_refuses_before_any_work_and_force_overwrites(tmp_path, cli):
+    profile = ["profile", "--backbone", "random:dinov2_tiny", "head=backbone", "img_size=32", "warmup=0",
+               "repeats=1"]
+    out = tmp_path / "prof"
+    assert cli(*profile, f"out={out}").returncode == 0
+    again = cli(*profile, f"out={out}")
+    assert again.returncode == 2 and again.stderr.strip().count("\n") == 0, again.stderr
+    assert "already holds a `meddino profile` run" in again.stderr
+    assert cli(*profile, f"out={out}", "--force").returncode == 0
+    bad = cli("profile", "--backbone", tmp_path / "nowhere.pth", *profile[3:], f"out={tmp_path / 'fails'}")
+    assert bad.returncode == 2 and "nowhere.pth" in bad.stderr  # a failed first attempt, after the claim ...
+    assert (tmp_path / "fails" / RUN_MARKER).is_file()
+    assert cli(*profile, f"out={tmp_path / 'fails'}").returncode == 0  # ... does not block the corrected one
+    pre = _pretrain_run(tmp_path / "pre")
+    res = cli("eval", "knn", "--config", "knn_tiny", "data.manifest=nowhere.csv", "backbone=random:dinov2_tiny",
+              f"out={pre}")
+    assert res.returncode == 2 and "already holds a `meddino pretrain` run" in res.stderr
+    assert (pre / "config.yaml").read_text() == "the pretraining run's config\n"
+    res = cli("pretrain", "--config", "dinov2_tiny", "data.path=nowhere", f"out={pre}")
+    assert res.returncode == 2 and "resume=auto continues it" in res.stderr
