@@ -9,6 +9,7 @@ A verb's schema and runner are imported only when it runs, so ``meddino --help``
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -53,6 +54,20 @@ VERBS: tuple[Verb, ...] = (
     *profile_commands.VERBS,
     *demo.VERBS,
 )
+
+
+# an OS error of these kinds is about a path the user chose (read-only, no permission, not a folder, disk
+# full, over a quota or file-size limit): one line naming the path, not a traceback
+PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC,
+                         errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG, errno.EEXIST})
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: reason`` (both paths of a rename)."""
+    where = str(exc.filename) if exc.filename else "a path"
+    if exc.filename2:
+        where += f" -> {exc.filename2}"
+    return f"{where}: {exc.strerror or exc}"
 
 
 def build_parser(verbs: tuple[Verb, ...] = VERBS) -> argparse.ArgumentParser:
@@ -147,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         code = args.handler(args)
     except UserError as exc:
         print(f"meddino: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in PATH_ERRNOS:
+            raise
+        print(f"meddino: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("meddino: interrupted", file=sys.stderr)

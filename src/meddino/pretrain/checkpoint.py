@@ -67,8 +67,16 @@ def save_checkpoint(folder: Path, iteration: int, state: dict[str, Any], keep_la
     """Write ``state`` atomically as checkpoint ``iteration`` and delete all but the ``keep_last`` newest
     (their teacher exports too)."""
     path = checkpoint_path(folder, iteration)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as exc:  # torch's writer reports a full disk as a RuntimeError
+        previous = latest_checkpoint(folder)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:160]
+        raise CheckpointError(
+            f"cannot write checkpoint {path} ({reason}; is the disk full or a file-size limit set?); "
+            f"the previous checkpoint is intact: {previous if previous else 'none written yet'}"
+        ) from None
     prune(folder, keep_last)
     return path
 
