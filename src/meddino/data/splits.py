@@ -22,7 +22,7 @@ import numpy as np
 from meddino.errors import DataError
 
 __all__ = ["check_no_leak", "patient_holdout", "patient_index", "patient_kfold", "patient_majority",
-           "stratification_key"]
+           "single_sample_classes", "stratification_key"]
 
 
 def stratification_key(labels: np.ndarray) -> np.ndarray:
@@ -38,6 +38,20 @@ def stratification_key(labels: np.ndarray) -> np.ndarray:
     key = rarity.argmin(axis=1)
     key[~(y > 0).any(axis=1)] = y.shape[1]
     return key
+
+
+def single_sample_classes(labels: np.ndarray, names: Sequence[str]) -> list[tuple[str, int]]:
+    """(class name, its one row) for every class that has exactly one sample: a class column with a single
+    positive for multi-hot ``[N, L]`` labels, a class index that occurs once for ``[N]`` labels. Such a class
+    can be on one side of a split only: it is never both learnt and tested, its AUROC is undefined in every
+    fold but one, and folds cannot be stratified on it."""
+    y = np.asarray(labels)
+    if y.ndim == 2:
+        counts = (y > 0).sum(axis=0)
+        return [(str(names[c]), int(np.flatnonzero(y[:, c] > 0)[0])) for c in np.flatnonzero(counts == 1)]
+    values, counts = np.unique(y, return_counts=True)
+    return [(str(names[int(v)]) if 0 <= int(v) < len(names) else str(v), int(np.flatnonzero(y == v)[0]))
+            for v in values[counts == 1]]
 
 
 def patient_index(patients: Sequence | np.ndarray) -> tuple[np.ndarray, np.ndarray]:

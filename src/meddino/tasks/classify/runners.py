@@ -10,10 +10,10 @@ from typing import Any
 
 from meddino.data import manifest_builders as mf
 from meddino.data.manifest import read_manifest
-from meddino.data.splits import patient_kfold
-from meddino.errors import ConfigError
+from meddino.data.splits import patient_kfold, single_sample_classes
+from meddino.errors import ConfigError, DataError
 from meddino.runlog import atomic_write
-from meddino.tasks.classify.units import make_units
+from meddino.tasks.classify.units import make_units, warn_single_sample_classes
 
 
 def _validated(cfg: Any, need_units: bool, need_val: bool = False) -> Any:
@@ -30,6 +30,7 @@ def _validated(cfg: Any, need_units: bool, need_val: bool = False) -> Any:
                       positive_class=d.positive_class)
     if need_units:
         make_units(m, need_val=need_val, scheme=d.scheme, val_fraction=d.val_fraction, seed=cfg.seed)
+        warn_single_sample_classes(m, f"manifest {m.source}" if m.source else "manifest")
     if not cfg.backbone:
         raise ConfigError("backbone: give a checkpoint path, random:<arch> or timm:<name> (backbone=...)")
     return m
@@ -75,6 +76,11 @@ def run_split(cfg: Any) -> int:
 
     src = Path(cfg.manifest).expanduser()
     m = read_manifest(src, label_columns=cfg.label_columns, patient_column=cfg.patient_column, check_files=False)
+    single = single_sample_classes(m.labels, m.names)
+    if cfg.stratify and single:  # stratification over k folds needs each class in more than one
+        listed = ", ".join(f"'{name}' (CSV line {row + 2})" for name, row in single[:3])
+        raise DataError(f"{src}: cannot stratify {cfg.k} folds: {len(single)} class(es) with a single sample: "
+                        f"{listed}; merge or drop them, or split without stratification (stratify=false)")
     folds = patient_kfold(m.patients, m.labels if cfg.stratify else None, k=cfg.k, seed=cfg.seed)
     with open(src, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)

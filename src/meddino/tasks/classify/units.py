@@ -12,12 +12,13 @@ Every unit is checked for patient-level leaks between its three sides before any
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
 from meddino.data.manifest import Manifest
-from meddino.data.splits import check_no_leak, patient_holdout
+from meddino.data.splits import check_no_leak, patient_holdout, single_sample_classes
 from meddino.errors import DataError
 
 
@@ -60,6 +61,17 @@ def make_units(
         units.append(_finish(m, "test", sides["train"], sides["val"], sides["test"], need_val, val_fraction,
                              seed, where))
     return units
+
+
+def warn_single_sample_classes(m: Manifest, where: str) -> None:
+    """One warning line per run when a class has a single sample (see :func:`single_sample_classes`)."""
+    single = single_sample_classes(m.labels, m.names)
+    if single:
+        listed = ", ".join(f"'{name}' (CSV line {row + 2})" for name, row in single[:3])
+        more = f" and {len(single) - 3} more" if len(single) > 3 else ""
+        print(f"meddino: warning: {where}: {len(single)} class(es) with a single sample: {listed}{more}; each is "
+              "tested in one unit at most and never learnt there, and its AUROC is undefined elsewhere",
+              file=sys.stderr)
 
 
 def _finish(m: Manifest, name: str, train: np.ndarray, val: np.ndarray, test: np.ndarray, need_val: bool,
