@@ -353,7 +353,7 @@ def test_convert_cli(tmp_path, cli, x):
     ref = _timm("vit_small_patch16_dinov3_qkvb")
     src = tmp_path / "official.pth"
     torch.save(timm_eva_to_official_v3(ref.state_dict()), src)
-    res = cli("convert", src, tmp_path / "out" / "converted", "--num-heads", "4")
+    res = cli("convert", src, tmp_path / "out" / "converted", "num_heads=4")
     assert res.returncode == 0, res.stderr
     assert "official_v3" in res.stdout
     backbone = load_backbone(tmp_path / "out" / "converted.safetensors")
@@ -386,7 +386,7 @@ def test_export_of_another_dino_version_is_refused_for_a_named_arch(tmp_path, cl
                                               r"architecture 'dinov2_tiny' has v2"):
         load_backbone(v1, arch="dinov2_tiny")
     assert load_backbone(v1, arch="dinov1_tiny").version == "v1"
-    res = cli("convert", v1, tmp_path / "as_v2", "--arch", "dinov2_tiny")
+    res = cli("convert", v1, tmp_path / "as_v2", "arch=dinov2_tiny")
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
     assert "version v1" in res.stderr and "'dinov2_tiny' has v2" in res.stderr
     assert not (tmp_path / "as_v2.safetensors").exists()

@@ -62,7 +62,7 @@ def test_profile_cli_tiny_backbone(tmp_path, cli):
     from meddino.models import build_backbone
 
     out = tmp_path / "prof"
-    res = cli("profile", "--backbone", "random:dinov2_tiny", "img_size=32", "repeats=3", "warmup=1", f"out={out}")
+    res = cli("profile", "backbone=random:dinov2_tiny", "img_size=32", "repeats=3", "warmup=1", f"out={out}")
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stdout and "linear_seg" in res.stdout  # the rich table
     data = json.loads((out / "profile.json").read_text())
@@ -120,11 +120,11 @@ def test_profile_pretrain_recipe_on_cpu(tmp_path):
 def test_profile_bad_input_exit_2(tmp_path, capsys):
     from meddino.cli import main
 
-    cases = [([], "--backbone"),
-             (["--backbone", "random:dinov2_tiny", "head=fpn"], "head: unknown"),
-             (["--backbone", "random:dinov2_tiny", "img_size=36"], "patch size"),
-             (["--backbone", str(tmp_path / "missing.safetensors")], "not found"),
-             (["--backbone", "random:dinov2_tiny", "repeats=0"], "repeats")]
+    cases = [([], "backbone=CKPT"),
+             (["backbone=random:dinov2_tiny", "head=fpn"], "head: unknown"),
+             (["backbone=random:dinov2_tiny", "img_size=36"], "patch size"),
+             ([f"backbone={tmp_path / 'missing.safetensors'}"], "not found"),
+             (["backbone=random:dinov2_tiny", "repeats=0"], "repeats")]
     for argv, text in cases:
         assert main(["profile", *argv, f"out={tmp_path}"]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -53,7 +53,7 @@ def test_other_runs_and_user_folders_are_refused_in_one_line(tmp_path):
 
 
 def test_the_cli_refuses_before_any_work_and_force_overwrites(tmp_path, cli):
-    profile = ["profile", "--backbone", "random:dinov2_tiny", "head=backbone", "img_size=32", "warmup=0",
+    profile = ["profile", "backbone=random:dinov2_tiny", "head=backbone", "img_size=32", "warmup=0",
                "repeats=1"]
     out = tmp_path / "prof"
     assert cli(*profile, f"out={out}").returncode == 0
@@ -61,7 +61,7 @@ def test_the_cli_refuses_before_any_work_and_force_overwrites(tmp_path, cli):
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0, again.stderr
     assert "already holds a `meddino profile` run" in again.stderr
     assert cli(*profile, f"out={out}", "--force").returncode == 0
-    bad = cli("profile", "--backbone", tmp_path / "nowhere.pth", *profile[3:], f"out={tmp_path / 'fails'}")
+    bad = cli("profile", f"backbone={tmp_path / 'nowhere.pth'}", *profile[2:], f"out={tmp_path / 'fails'}")
     assert bad.returncode == 2 and "nowhere.pth" in bad.stderr  # a failed first attempt, after the claim ...
     assert (tmp_path / "fails" / RUN_MARKER).is_file()
     assert cli(*profile, f"out={tmp_path / 'fails'}").returncode == 0  # ... does not block the corrected one

@@ -75,10 +75,11 @@ def test_viz_pca_cli(tmp_path, cli):
         img[:, :20] = (200, 30, 30)
         img[:, 20:] = rng.integers(0, 255, (40, 20, 3))
         Image.fromarray(img).save(tmp_path / f"im{i}.png")
-    res = cli("viz", "pca", tmp_path / "im0.png", tmp_path / "im1.png", "--backbone", "random:dinov2_tiny",
-              "--backbone", "random:dinov3_tiny", f"out={tmp_path / 'viz'}", "img_size=32", "threshold=0.4")
+    res = cli("viz", "pca", tmp_path / "im0.png", tmp_path / "im1.png",
+              "backbones=[random:dinov2_tiny, random:dinov3_tiny]", f"out={tmp_path / 'viz'}", "img_size=32",
+              "threshold=0.4")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "viz" / "pca.png").stat().st_size > 1000
     assert (tmp_path / "viz" / "attention.png").is_file()
-    bad = cli("viz", "pca", tmp_path / "missing.png", "--backbone", "random:dinov2_tiny", f"out={tmp_path / 'v2'}")
+    bad = cli("viz", "pca", tmp_path / "missing.png", "backbones=[random:dinov2_tiny]", f"out={tmp_path / 'v2'}")
     assert bad.returncode == 2 and "image not found" in bad.stderr

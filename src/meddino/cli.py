@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 
 from meddino import __version__, demo
+from meddino.config import list_recipes
 from meddino.data import commands as data_commands
 from meddino.errors import UserError
 from meddino.models import commands as model_commands
@@ -24,7 +25,7 @@ from meddino.report import commands as report_commands
 from meddino.tasks.classify import commands as classify_commands
 from meddino.tasks.phase import commands as phase_commands
 from meddino.tasks.seg import commands as seg_commands
-from meddino.verbs import Arg, Verb, run_verb
+from meddino.verbs import Arg, Verb, config_keys, run_verb
 from meddino.viz import commands as viz_commands
 
 GROUPS = {
@@ -38,7 +39,7 @@ RECIPES = Verb(
     help="list the recipes shipped with meddino",
     schema="meddino.config:RecipesConfig",
     run="meddino.config:print_recipes",
-    args=(Arg("group", "group", nargs="?", help="only this group (pretrain, eval, ...)"),),
+    args=(Arg("group", "group", nargs="?", help="only this group: " + ", ".join(list_recipes())),),
     uses_torch=False,
 )
 VERBS: tuple[Verb, ...] = (
@@ -70,19 +71,39 @@ def describe_os_error(exc: OSError) -> str:
     return f"{where}: {exc.strerror or exc}"
 
 
+class VerbParser(argparse.ArgumentParser):
+    """A verb's parser: its help ends with the config keys the verb takes and their defaults (read from the
+    schema only when help is asked for, so building the parser stays light)."""
+
+    verb: Verb | None = None
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if self.verb is None:
+            return text
+        keys = config_keys(self.verb)
+        if not keys:
+            return text
+        width = max(len(k) for k, _ in keys)
+        note = f" (recipe {self.verb.default_recipe} sets its own)" if self.verb.default_recipe else ""
+        lines = [f"  {k.ljust(width)}  {v}" for k, v in keys]
+        return text + f"\nconfig keys (key.sub=value) and their defaults{note}:\n" + "\n".join(lines) + "\n"
+
+
 def build_parser(verbs: tuple[Verb, ...] = VERBS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meddino",
         description="Continued DINO pretraining and downstream evaluation for medical and surgical images.",
     )
     parser.add_argument("--version", action="version", version=f"meddino {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=VerbParser)
     places: dict[str | None, argparse._SubParsersAction] = {None: sub}
     for verb in verbs:
         if verb.group not in places:
             group_help = GROUPS[verb.group]
             group_parser = sub.add_parser(verb.group, help=group_help, description=group_help)
-            places[verb.group] = group_parser.add_subparsers(dest=f"{verb.group}_command", metavar="TASK")
+            places[verb.group] = group_parser.add_subparsers(dest=f"{verb.group}_command", metavar="TASK",
+                                                             parser_class=VerbParser)
             group_parser.set_defaults(handler=_group_help(group_parser))
         add_verb(places[verb.group], verb)
     return parser
@@ -91,6 +112,7 @@ def build_parser(verbs: tuple[Verb, ...] = VERBS) -> argparse.ArgumentParser:
 def add_verb(sub: argparse._SubParsersAction, verb: Verb) -> argparse.ArgumentParser:
     """One sub-command from its declaration: arguments, ``--config`` where it has recipes, overrides."""
     parser = sub.add_parser(verb.name, help=verb.help, description=verb.description or verb.help)
+    parser.verb = verb  # its --help ends with the config keys and their defaults
     for arg in verb.args:
         if arg.positional:
             parser.add_argument(arg.name, metavar=arg.metavar, nargs=arg.nargs, help=arg.help)
@@ -100,10 +122,11 @@ def add_verb(sub: argparse._SubParsersAction, verb: Verb) -> argparse.ArgumentPa
             parser.add_argument(arg.name, dest=arg.dest, action="append" if arg.repeat else "store",
                                 required=arg.required, choices=arg.choices, help=arg.help,
                                 metavar=arg.metavar or (None if arg.choices else arg.name.lstrip("-").upper()))
-    if verb.recipes:
+    if verb.recipes or verb.config_key:
         default = verb.default_recipe
+        what = "pretraining recipe to profile" if verb.config_key else "recipe"
         parser.add_argument("--config", "-c", default=default,
-                            help="recipe name (see `meddino recipes`) or YAML path"
+                            help=f"{what}: a name (see `meddino recipes`) or a YAML path"
                             + (f"; default {default}" if default else ""))
     if verb.run_folder:
         parser.add_argument("--force", action="store_true",
@@ -122,11 +145,19 @@ def _handler(verb: Verb) -> Callable[[argparse.Namespace], int]:
             given = getattr(args, arg.name if arg.positional else arg.dest)
             if given is None or given is False:
                 continue
+            if arg.deprecated:
+                print(f"meddino: warning: {arg.name} is deprecated and goes in the next release; "
+                      f"use {arg.deprecated}", file=sys.stderr)
             if arg.positional and arg.nargs in ("+", "*"):  # key=value items that argparse gave the list
                 overrides += [g for g in given if "=" in g]
                 given = [g for g in given if "=" not in g]
             values[arg.key] = given
-        return run_verb(verb, getattr(args, "config", None), overrides + list(args.overrides), values,
+        recipe = getattr(args, "config", None)
+        if verb.config_key:
+            if recipe is not None:
+                values[verb.config_key] = recipe
+            recipe = None
+        return run_verb(verb, recipe, overrides + list(args.overrides), values,
                         force=getattr(args, "force", False))
 
     return handle
@@ -147,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     set_openmp_wait_policy()  # before anything loads torch's OpenMP runtime, which reads it once
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # key=value overrides given after options (e.g. `viz pca IMG --backbone X out=DIR`)
+    if extra:  # key=value overrides given after options (e.g. `viz pca IMG --force out=DIR`)
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = list(args.overrides or []) + extra
         else:

@@ -281,11 +281,14 @@ def print_recipes(cfg: RecipesConfig) -> int:
     from rich.console import Console  # rich only for this listing
     from rich.table import Table
 
+    groups = list_recipes()
+    if cfg.group and cfg.group not in groups:
+        raise ConfigError(f"recipes: unknown group '{cfg.group}'; the groups are {', '.join(groups)}")
     table = Table(title="meddino recipes (use with --config NAME)")
     table.add_column("group")
     table.add_column("name")
     table.add_column("description")
-    for group, items in list_recipes().items():
+    for group, items in groups.items():
         if cfg.group and group != cfg.group:
             continue
         for name, desc in items:

@@ -79,7 +79,10 @@ class DemoConfig(Schema):
 
 
 def run(cfg: DemoConfig) -> int:
-    report = run_demo(Path(cfg.out), QUICK if cfg.quick else FULL)
+    from meddino.models.checkpoints.load import quiet_load_reports  # torch: only once the demo runs
+
+    with quiet_load_reports():  # the demo loads only what it wrote or ships: no 'loaded ...' line per step
+        report = run_demo(Path(cfg.out), QUICK if cfg.quick else FULL)
     print(f"\nmeddino demo finished: open {report}")
     return 0
 

@@ -31,6 +31,7 @@ class Arg:
     required: bool = False
     metavar: str | None = None
     choices: tuple[str, ...] | None = None
+    deprecated: str | None = None  # an old spelling kept one release: the new one, named in a warning line
 
     @property
     def positional(self) -> bool:
@@ -52,6 +53,8 @@ class Verb:
     group: str | None = None  # "eval", "predict", "data", "viz" or None for a top-level verb
     description: str | None = None
     recipes: str | None = None  # recipe group: the verb takes --config RECIPE (None: schema defaults only)
+    # the config key --config fills instead (profile: the pretraining recipe it profiles)
+    config_key: str | None = None
     default_recipe: str | None = None
     args: tuple[Arg, ...] = ()
     overrides_help: str = "config overrides"
@@ -75,6 +78,30 @@ def load_attr(path: str) -> Any:
     """``"package.module:attr"`` -> the attribute (imported on demand)."""
     module, _, attr = path.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def config_keys(verb: Verb) -> list[tuple[str, str]]:
+    """``(dotted key, default)`` of every leaf field of the verb's schema, in declaration order."""
+    from pydantic import BaseModel  # only for --help of one verb
+
+    out: list[tuple[str, str]] = []
+
+    def walk(model: type, prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            if field.is_required():
+                default = "(required)"
+            else:
+                value = field.get_default(call_default_factory=True)
+                default = "null" if value is None else str(value)
+            out.append((f"{prefix}{name}", default))
+
+    walk(load_attr(verb.schema), "")
+    positional = {a.key for a in verb.args if a.positional}  # shown as arguments already
+    return [(k, v) for k, v in out if k not in positional]
 
 
 def load_verb_config(verb: Verb, recipe: str | None = None, overrides: Iterable[str] = (),

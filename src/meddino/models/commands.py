@@ -17,15 +17,17 @@ VERBS = (
         schema="meddino.models.commands:ConvertConfig",
         run="meddino.models.commands:run_convert",
         source="convert",
+        overrides_help="arch=NAME (the architecture it must match) img_size=N (resample position embeddings "
+        "once to it) pos_embed_resample=dinov1|dinov2|dinov2_reg|timm num_heads=N key=teacher|student|...",
         args=(
             Arg("src", "src", help="checkpoint file or folder (a trailing #key picks a wrapper entry, e.g. #student)"),
             Arg("dst", "dst", help="output path (.safetensors is added when missing)"),
-            Arg("--arch", "arch", help="architecture the checkpoint must match (alias or timm name)"),
-            Arg("--img-size", "img_size", help="resample position embeddings once to this image size"),
-            Arg("--pos-embed-resample", "pos_embed_resample", choices=("dinov1", "dinov2", "dinov2_reg", "timm"),
-                help="how position embeddings are resampled to other grids (default: the version's official mode)"),
-            Arg("--num-heads", "num_heads", help="attention heads, for widths other than the standard S/B/L/g"),
-            Arg("--key", "key", help="wrapper entry to take (teacher, student, model, ...)"),
+            Arg("--arch", "arch", deprecated="arch=NAME", help="deprecated: use arch=NAME"),
+            Arg("--img-size", "img_size", deprecated="img_size=N", help="deprecated: use img_size=N"),
+            Arg("--pos-embed-resample", "pos_embed_resample", deprecated="pos_embed_resample=MODE",
+                choices=("dinov1", "dinov2", "dinov2_reg", "timm"), help="deprecated: use pos_embed_resample=MODE"),
+            Arg("--num-heads", "num_heads", deprecated="num_heads=N", help="deprecated: use num_heads=N"),
+            Arg("--key", "key", deprecated="key=ENTRY", help="deprecated: use key=ENTRY"),
         ),
     ),
 )

@@ -417,8 +417,8 @@ class Trainer:
         if self.env.is_main:
             path = export_backbone(teacher_bb, self.out / "teacher_backbone.safetensors")
             n = len(self.skipped)
-            print(f"skipped {n} unreadable file{'s' if n != 1 else ''}", file=sys.stderr)
-            if n:
+            if n:  # a clean run says nothing about it
+                print(f"skipped {n} unreadable file{'s' if n != 1 else ''}", file=sys.stderr)
                 for line in list(self.skipped.values())[:5]:
                     print(f"  {line}", file=sys.stderr)
             print(f"teacher backbone: {path}")

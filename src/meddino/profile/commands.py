@@ -17,12 +17,14 @@ VERBS = (
         schema="meddino.profile.run:ProfileConfig",
         run="meddino.profile.commands:run",
         run_folder="out",
+        config_key="recipe",  # --config names the pretraining recipe profiled (recipe.KEY=VALUE overrides it)
         args=(
-            Arg("--backbone", "backbone", help="backbone spec: checkpoint path, random:<arch> or timm:<name>"),
-            Arg("--recipe", "recipe", help="pretraining recipe name or YAML to profile (recipe.KEY=VALUE overrides it)"),
+            Arg("--backbone", "backbone", deprecated="backbone=SPEC",
+                help="deprecated: use backbone=SPEC (a checkpoint path, random:<arch> or timm:<name>)"),
+            Arg("--recipe", "recipe", deprecated="--config RECIPE", help="deprecated: use --config RECIPE"),
         ),
         prefixed=(("recipe.", "recipe_overrides"),),
-        overrides_help="head=all|backbone|linear_seg|unet|eomt|phase[,..] img_size=224 batch_size=1 warmup=5 "
+        overrides_help="backbone=SPEC head=all|backbone|linear_seg|unet|eomt|phase[,..] img_size=224 batch_size=1 warmup=5 "
         "repeats=50 out=DIR device=auto precision=auto pretrain.steps=5 pretrain.max_batch=true "
         "recipe.model.arch=... (recipe overrides)",
     ),

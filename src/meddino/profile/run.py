@@ -17,7 +17,7 @@ random normalised input ``[batch_size, 3, img_size, img_size]``, median and p95 
 A head that cannot be built for this backbone (U-Net on fewer than 4 blocks, EoMT on a CNN, a task module
 missing from the installation) is listed with a note instead of a number.
 
-Pretraining (``--recipe NAME``): the recipe's real training step (teacher targets, student forward, losses,
+Pretraining (``--config RECIPE``): the recipe's real training step (teacher targets, student forward, losses,
 backward, clipping, AdamW, EMA update; :meth:`meddino.pretrain.engine.Trainer.train_step`) on synthetic
 multi-crop batches, so the number is the model's cost without data loading; images/s over ``steps`` steps
 after ``warmup`` steps. On CUDA the largest per-device batch that trains one step without running out of
@@ -281,7 +281,7 @@ def profile_pretrain(cfg: ProfileConfig, device: torch.device) -> dict[str, Any]
 def run_profile(cfg: ProfileConfig) -> Path:
     """Measure, print a table, write ``OUT/profile.json``; returns the JSON path."""
     if not cfg.backbone and not cfg.recipe:
-        raise ConfigError("profile: give --backbone CKPT and/or --recipe NAME")
+        raise ConfigError("profile: give backbone=CKPT and/or --config RECIPE")
     device = pick_device(cfg.device)
     torch.manual_seed(0)
     rows = profile_inference(cfg, device) if cfg.backbone else []

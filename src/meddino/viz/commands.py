@@ -17,10 +17,13 @@ VERBS = (
         run_folder="out",
         args=(
             Arg("images", "images", nargs="+", help="image files or folders"),
-            Arg("--backbone", "backbones", repeat=True, required=True, help="backbone spec (repeatable)"),
-            Arg("--label", "labels", repeat=True, help="display name per --backbone, in order"),
+            Arg("--backbone", "backbones", repeat=True, deprecated="backbones=[SPEC, ...]",
+                help="deprecated: use backbones=[SPEC, ...]"),
+            Arg("--label", "labels", repeat=True, deprecated="labels=[NAME, ...]",
+                help="deprecated: use labels=[NAME, ...]"),
         ),
-        overrides_help="out=DIR img_size=N threshold=T invert=true max_images=N",
+        overrides_help="backbones=[SPEC, ...] labels=[NAME, ...] (one display name per backbone) out=DIR img_size=N "
+        "threshold=T invert=true max_images=N",
     ),
 )
 

@@ -60,9 +60,9 @@ def run_pca(cfg: VizConfig) -> Path:
     import matplotlib.pyplot as plt
 
     if not cfg.backbones:
-        raise ConfigError("viz pca: give at least one --backbone")
+        raise ConfigError("viz pca: give at least one backbone (backbones=[CKPT, random:<arch>, ...])")
     if cfg.labels and len(cfg.labels) != len(cfg.backbones):
-        raise ConfigError("viz pca: give one --label per --backbone, or none")
+        raise ConfigError("viz pca: give one label per backbone (labels=[NAME, ...]), or none")
     labels = cfg.labels or [Path(b).stem if not b.startswith(("random:", "timm:")) else b for b in cfg.backbones]
     paths = list_images(cfg.images, cfg.max_images)
     run = RunDir(cfg.out, cfg, tensorboard=False)

@@ -28,8 +28,10 @@ the stored grid once at load to ``img_size`` (same mode), e.g. for an export at 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,31 @@ class LoadReport:
         if self.ignored:
             parts.append(f"ignored {len(self.ignored)} training-only keys (e.g. {self.ignored[0]})")
         return "; ".join(parts)
+
+
+_announced: set[str] = set()  # the load reports printed in this process (one line per checkpoint)
+_quiet = False
+
+
+def announce(report: LoadReport) -> None:
+    """Print a checkpoint's load report on stderr, once per checkpoint and process: a verb (or the demo,
+    which runs many in one process) that resolves the same backbone several times says it once."""
+    key = f"{report.path}|{report.summary()}"
+    if _quiet or key in _announced:
+        return
+    _announced.add(key)
+    print(report.summary(), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def quiet_load_reports() -> Iterator[None]:
+    """No load reports inside the block (the demo loads only the checkpoints it wrote or ships)."""
+    global _quiet
+    before, _quiet = _quiet, True
+    try:
+        yield
+    finally:
+        _quiet = before
 
 
 def _check_against_arch(arch: str, inferred: dict[str, Any], version: str, path: Path) -> dict[str, Any]:
@@ -172,7 +199,7 @@ def load_backbone(
     backbone.load_report = LoadReport(str(path), hints.get("layout", layout), ignored, resampled, kept,
                                       backbone.pos_embed_resample)
     if verbose:
-        print(backbone.load_report.summary(), file=sys.stderr)
+        announce(backbone.load_report)
     return backbone
 
 
@@ -272,5 +299,5 @@ def _load_export(
         _set_mask_token(backbone, torch.tensor(meta["mask_token"], dtype=torch.float32), weights)
     backbone.load_report = LoadReport(str(weights), "meddino export", [], resampled, kept, backbone.pos_embed_resample)
     if verbose:
-        print(backbone.load_report.summary(), file=sys.stderr)
+        announce(backbone.load_report)
     return backbone
