@@ -8,12 +8,14 @@ factory: the reading sits below both. Pickled files are read with ``weights_only
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import pickle
+import pickletools
 import re
+import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors import SafetensorError
@@ -38,17 +40,175 @@ def read_checkpoint(path: Path) -> Any:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
     try:
+        return _torch_load(path)
+    except Exception as exc:  # the weights-only unpickler raises anything (IndexError, KeyError...) on junk
+        failure = exc
+    if _looks_like_safetensors(path):  # safetensors under another suffix
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
+    raise _unreadable(path, failure)
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load(weights_only=True) without torch's warnings: a refusal is reported in one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4 ... weights_only Unpickler ..."
         # DINOv1 full checkpoints store their argparse.Namespace: plain data, safe to rebuild
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = first_line(exc).removeprefix("Weights only load failed. ")
-        raise CheckpointError(
-            f"{path}: refused to unpickle, the file holds objects that could run code ({reason[:160]}); "
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors header: a little-endian u64 length that fits the file, then a JSON object."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) < 9:
+        return False
+    size = int.from_bytes(head[:8], "little")
+    return 2 <= size <= path.stat().st_size - 8 and head[8:9] == b"{"
+
+
+def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
+    """Why torch.load failed, told from the bytes: not a checkpoint at all, a pickle that would call code
+    (named), or a torch file torch cannot read (its own reason)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return CheckpointError(f"{path}: not a readable checkpoint (a zip archive cut short or damaged, "
+                               "e.g. by an interrupted download or copy)")
+    found = _foreign_globals(path)
+    if found is None:
+        what = "a zip archive, but not one torch.save wrote" if head == b"PK\x03\x04" else (
+            "neither a torch zip/pickle nor safetensors")
+        return CheckpointError(f"{path}: not a readable checkpoint ({what})")
+    if found:
+        return CheckpointError(
+            f"{path}: refused to unpickle, the file holds objects that could run code (it calls "
+            f"{', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
             "re-save only its tensors (state_dict) or export it as safetensors with a trusted tool"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(exc)[:200]})") from None
+        )
+    what = "torch.load" if head == b"PK\x03\x04" else "a pickle that torch.load cannot read"
+    return CheckpointError(f"{path}: not a readable checkpoint ({what}: {_torch_reason(exc)})")
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """torch's own reason without its boilerplate (the weights_only preamble, the issue/doc pointers)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch 2.6")
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line and not line.startswith(boilerplate):
+            return line.removeprefix("WeightsUnpickler error: ")[:200]
+    return first_line(exc)
+
+
+def _foreign_globals(path: Path) -> list[str] | None:
+    """The globals outside torch's weights-only allowlist that the file's pickles reference (what an
+    unpickler would import and call), or None when the file holds no well-formed pickle. Parsed with
+    pickletools, which runs nothing."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)  # <archive>/data.pkl
+                if name is None:
+                    return None
+                found = _pickle_globals(io.BytesIO(archive.read(name)))
+        else:
+            with open(path, "rb") as fh:
+                found = _pickle_globals(_Bounded(fh, path.stat().st_size))
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return None
+    if found is None:
+        return None
+    allowed = _allowed_globals()
+    return list(dict.fromkeys(g for g in found if g not in allowed))
+
+
+_GLOBAL_NAME = re.compile(r"^[A-Za-z_][\w.]* [A-Za-z_][\w.]*$")
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
+def _pickle_globals(fh: IO[bytes] | _Bounded) -> list[str] | None:
+    """'module.name' of every GLOBAL / STACK_GLOBAL / INST in the consecutive pickles at the start of
+    ``fh`` (a torch legacy file holds several, then raw storages); None when the first is not a pickle."""
+    found: list[str] = []
+    for count in range(8):
+        try:
+            names = _one_pickle_globals(fh)
+        except Exception:  # not (or no more) pickle: pickletools raises ValueError, UnicodeDecodeError...
+            names = None
+        if names is None:
+            return None if count == 0 else found
+        found.extend(names)
+    return found
+
+
+def _one_pickle_globals(fh: IO[bytes] | _Bounded) -> list[str] | None:
+    names: list[str] = []
+    memo: dict[int, Any] = {}
+    recent: list[Any] = []  # values pushed lately (strings, else None): the STACK_GLOBAL operands
+    first = True
+    stopped = False
+    for op, arg, _pos in pickletools.genops(fh):
+        if first and op.name != "PROTO" and op.name not in _STRING_OPS | {"GLOBAL", "INST", "MARK"}:
+            return None
+        first = False
+        if op.name in ("GLOBAL", "INST"):
+            if not _GLOBAL_NAME.match(str(arg)):
+                return None
+            names.append(str(arg).replace(" ", "."))
+            recent.append(None)
+        elif op.name == "STACK_GLOBAL":
+            module, name = ([None, None] + recent)[-2:]
+            names.append(f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else "<unknown>")
+            recent.append(None)
+        elif op.name in _STRING_OPS:
+            recent.append(arg.decode("latin-1") if isinstance(arg, bytes) else arg)
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = recent[-1] if recent else None
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(arg)] = recent[-1] if recent else None
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            recent.append(memo.get(int(arg)))
+        elif op.name == "STOP":
+            stopped = True
+        elif op.name not in ("FRAME", "PROTO"):
+            recent.append(None)
+        recent = recent[-2:]
+    return names if stopped else None
+
+
+class _Bounded:
+    """A file for pickletools that never reads past its end: a random length field must not allocate."""
+
+    def __init__(self, fh: IO[bytes], size: int):
+        self.fh, self.size = fh, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.size - self.fh.tell()
+        return self.fh.read(left if n < 0 else min(n, left))
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self.fh.readline(1 << 16)
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+
+def _allowed_globals() -> set[str]:
+    """What torch.load(weights_only=True) rebuilds: its allowlist, the registered safe globals and
+    argparse.Namespace (allowed by :func:`read_checkpoint` for DINOv1)."""
+    allowed = {"argparse.Namespace", "collections.OrderedDict", "torch._utils._rebuild_tensor_v2",
+               "torch._utils._rebuild_parameter"}
+    unpickler = getattr(torch, "_weights_only_unpickler", None)
+    from_torch = getattr(unpickler, "_get_allowed_globals", None)  # private: may go away
+    if from_torch is not None:
+        allowed.update(from_torch())
+    for obj in torch.serialization.get_safe_globals():
+        obj = obj[0] if isinstance(obj, tuple) else obj
+        allowed.add(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}")
+    return allowed
 
 
 def _is_tensor_dict(obj: Any) -> bool:
