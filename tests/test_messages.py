@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -91,3 +92,16 @@ def test_malicious_pickle_is_refused_in_one_line(tmp_path, cli):
     torch.save({"evil": _Payload(str(marker))}, tmp_path / "evil_zip.pth")  # the torch zip format
     _one_error(cli("convert", tmp_path / "evil_zip.pth", tmp_path / "out2"), "evil_zip.pth", "refused to unpickle")
     assert not marker.exists()
+
+
+def test_cnn_state_dict_as_init_names_the_file(tmp_path, cli):
+    path = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    _one_error(_pretrain(cli, tmp_path, f"data.path={_images(tmp_path / 'imgs')}", f"init={path}"), str(path),
+               "not a ViT checkpoint: a CNN state dict", "conv1.weight")
+
+
+def test_safetensors_with_wrong_keys_names_the_file(tmp_path, cli):
+    path = tmp_path / "foo.safetensors"
+    save_file({"foo": torch.zeros(3)}, str(path))
+    _one_error(cli("convert", path, tmp_path / "out"), str(path), "unrecognised checkpoint layout", "keys: foo")

@@ -212,7 +212,7 @@ def _timm_state(
         state, layout, hints = load_hf_folder(path)
     else:
         state = unwrap_state_dict(read_checkpoint(path), path, key)
-        layout = detect_layout(state)
+        layout = detect_layout(state, path)
         hints = {}
         if layout == "hf":
             state, hints = hf_state_to_timm(state, None)

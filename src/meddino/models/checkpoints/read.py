@@ -246,8 +246,9 @@ def unwrap_state_dict(obj: Any, path: Path, key: str | None = None) -> dict[str,
     return state
 
 
-def detect_layout(state: dict[str, torch.Tensor]) -> str:
-    """'hf' | 'official_v3' | 'timm_eva' | 'official_v2' | 'timm_vit' from the key names."""
+def detect_layout(state: dict[str, torch.Tensor], path: Path | str | None = None) -> str:
+    """'hf' | 'official_v3' | 'timm_eva' | 'official_v2' | 'timm_vit' from the key names; ``path`` only
+    names the file in the refusal."""
     keys = state.keys()
     hf_starts = ("embeddings.", "encoder.layer.", "layer.0.", "model.layer.0.")
     if any(k.startswith(hf_starts) or k.split(".", 1)[-1].startswith(hf_starts) for k in keys):
@@ -264,7 +265,18 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str:
         return "official_v2"
     if "patch_embed.proj.weight" in state and any(k.startswith("blocks.0.") for k in keys):
         return "timm_vit"
-    raise CheckpointError("unrecognised checkpoint layout (no ViT patch embedding or blocks found)")
+    raise CheckpointError(_not_a_vit(state, path))
+
+
+def _not_a_vit(state: dict[str, torch.Tensor], path: Path | str | None) -> str:
+    """The refusal of a state dict no ViT layout matches: what was found instead, with example keys."""
+    where = f"{path}: " if path is not None else ""
+    convs = [k for k, v in state.items() if v.ndim == 4]
+    if convs:
+        return (f"{where}not a ViT checkpoint: a CNN state dict (keys like {', '.join(convs[:2])}); "
+                "a timm CNN's weights load as an eval baseline with backbone=timm:<name>@FILE")
+    keys = ", ".join(sorted(state)[:3]) + (", ..." if len(state) > 3 else "")
+    return f"{where}unrecognised checkpoint layout: no ViT patch embedding or blocks (keys: {keys})"
 
 
 def export_sidecar(path: Path) -> dict[str, Any] | None:
