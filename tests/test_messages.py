@@ -105,3 +105,29 @@ def test_safetensors_with_wrong_keys_names_the_file(tmp_path, cli):
     path = tmp_path / "foo.safetensors"
     save_file({"foo": torch.zeros(3)}, str(path))
     _one_error(cli("convert", path, tmp_path / "out"), str(path), "unrecognised checkpoint layout", "keys: foo")
+
+
+# ------------------------------------------------------------------------------------------ pretraining data
+
+
+@pytest.mark.parametrize("content", [b"random", b"dicm"], ids=["random-bytes", "dicm-preamble"])
+def test_folder_of_one_corrupt_dicom_has_no_readable_image(tmp_path, cli, content):
+    """Not '1 inputs but a global batch of 2': the folder's only file is unreadable, and why."""
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    junk = random.Random(2).randbytes(200)
+    (folder / "x.dcm").write_bytes(junk if content == b"random" else b"\0" * 128 + b"DICM" + junk)
+    line = _one_error(_pretrain(cli, tmp_path, f"data.path={folder}"), f"{folder}: no readable images",
+                      "1 file skipped", "x.dcm", "no decodable pixel data")
+    assert "global batch" not in line
+
+
+def test_batch_of_garbage_pngs_names_the_files(tmp_path, cli):
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    rng = random.Random(3)
+    for i in range(12):
+        (folder / f"img{i:02d}.png").write_bytes(rng.randbytes(500))
+    _one_error(_pretrain(cli, tmp_path, f"data.path={folder}"),
+               "every image of the batch at iteration 0 was unreadable", "2 files skipped", ".png",
+               "cannot identify image file")

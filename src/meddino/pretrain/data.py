@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from meddino.data import io
 from meddino.data.multicrop import MultiCropAugmentation, collate_multicrop, sample_generator
 from meddino.data.sources import KIND_NAMES, PretrainSource, Skipped
-from meddino.errors import ConfigError, DataError
+from meddino.errors import ConfigError, DataError, first_line
 from meddino.pretrain.config import PretrainConfig
 
 
@@ -54,6 +55,57 @@ def build_source(cfg: PretrainConfig) -> Any:
         if len(keep) < len(source):
             source = _KindSubset(source, keep)
     return source
+
+
+def require_full_batch(source: Any, global_batch: int, root: str | Path) -> None:
+    """Refuse a source smaller than one global batch before the model is built, saying why: indexing
+    opens no image, so a folder of corrupt files looks like a small one until its files are read (a
+    source this small is read whole)."""
+    n = len(source)
+    if n >= global_batch:
+        return
+    skipped = list(getattr(source, "index_skipped", []))
+    readable = 0
+    for index in range(n):
+        try:
+            sample = source.load(index)
+            if isinstance(sample, str):  # ordinary images are decoded by the augmentation
+                io.read_image(sample)
+            readable += 1
+        except (DataError, OSError, ValueError, EOFError, MemoryError) as exc:
+            skipped.append(Skipped(source.describe(index)["path"], first_line(exc, 300)))
+    if not readable:
+        raise DataError(f"{root}: no readable images ({describe_skipped(skipped, root)})")
+    raise DataError(
+        f"data: {n} inputs but a global batch of {global_batch} (data.batch_size x processes)"
+        + (f", {describe_skipped(skipped, root)}" if skipped else "")
+        + "; use more data or a smaller data.batch_size"
+    )
+
+
+def describe_skipped(skipped: list[Skipped], root: str | Path | None = None, show: int = 2) -> str:
+    """'N file(s) skipped: NAME: REASON; ...' for the distinct files of ``skipped`` (a CropDataset's
+    ``#index `` prefix dropped), named relative to ``root`` when under it."""
+    by_file: dict[str, str] = {}
+    for item in skipped:
+        path = item.path.split(" ", 1)[1] if item.path.startswith("#") and " " in item.path else item.path
+        by_file.setdefault(path, item.reason)
+    parts = []
+    for path, reason in list(by_file.items())[:show]:
+        name = _relative(path, root)
+        reason = reason.replace(path, name)
+        parts.append(reason if name in reason else f"{name}: {reason}")
+    more = "; ..." if len(by_file) > show else ""
+    return f"{len(by_file)} file{'s' if len(by_file) != 1 else ''} skipped: {'; '.join(parts)}{more}"
+
+
+def _relative(path: str, root: str | Path | None) -> str:
+    if root is None or Path(root).is_file():
+        return path
+    try:
+        return str(Path(path).relative_to(Path(root)))
+    except ValueError:
+        return path
 
 
 class _KindSubset:

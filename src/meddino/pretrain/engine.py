@@ -49,7 +49,9 @@ from meddino.pretrain.data import (
     StepBatchSampler,
     build_augmentation,
     build_source,
+    describe_skipped,
     make_loader,
+    require_full_batch,
 )
 from meddino.pretrain.distributed import (
     DistEnv,
@@ -126,6 +128,7 @@ class Trainer:
     def setup(self) -> None:
         """Model, optimiser, schedules and (on resume) state; then the data source."""
         self.source = build_source(self.cfg)
+        require_full_batch(self.source, self.global_batch, Path(self.cfg.data.path).expanduser())
         self.setup_model(len(self.source))
 
     def setup_model(self, n_samples: int) -> None:
@@ -321,7 +324,8 @@ class Trainer:
             for batch in loader:
                 self._count_skipped(batch)
                 if batch["global"] is None:
-                    raise DataError(f"data: every image of the batch at iteration {it} was unreadable")
+                    raise DataError(f"data: every image of the batch at iteration {it} was unreadable "
+                                    f"({describe_skipped(batch['skipped'], Path(cfg.data.path).expanduser())})")
                 terms = self.train_step(it, batch)
                 n_log += 1
                 done = it + 1
