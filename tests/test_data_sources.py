@@ -171,3 +171,10 @@ def test_empty_or_missing_folder(tmp_path: Path) -> None:
     (tmp_path / "readme.txt").write_text("x")
     with pytest.raises(DataError, match="no usable"):
         PretrainSource(tmp_path)
+
+
+def test_a_skip_line_names_the_path_once():
+    from meddino.data.sources import Skipped
+
+    assert str(Skipped("a/x.png", "unreadable image a/x.png: truncated")) == "unreadable image a/x.png: truncated"
+    assert str(Skipped("a/x.png", "decoder said no")) == "a/x.png: decoder said no"

@@ -60,7 +60,8 @@ class Skipped:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
+        """``PATH: reason``, or the reason alone when it names the path already (a reader's DataError does)."""
+        return self.reason if self.path and self.path in self.reason else f"{self.path}: {self.reason}"
 
 
 class SkipCounter:
