@@ -125,10 +125,12 @@ class Trainer:
             backbone.set_grad_checkpointing(True)
         return backbone
 
-    def setup(self) -> None:
-        """Model, optimiser, schedules and (on resume) state; then the data source."""
+    def setup(self, require_batch: bool = True) -> None:
+        """The data source (refused when it cannot fill one global batch, unless ``require_batch=False``:
+        the profiler feeds synthetic batches), then model, optimiser, schedules and (on resume) state."""
         self.source = build_source(self.cfg)
-        require_full_batch(self.source, self.global_batch, Path(self.cfg.data.path).expanduser())
+        if require_batch:
+            require_full_batch(self.source, self.global_batch, Path(self.cfg.data.path).expanduser())
         self.setup_model(len(self.source))
 
     def setup_model(self, n_samples: int) -> None:
