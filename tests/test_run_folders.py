@@ -41,6 +41,10 @@ def test_other_runs_and_user_folders_are_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match=r"resume=auto continues it"):
         claim_run_folder(run, "pretrain")
     claim_run_folder(run, "pretrain", rerun=True)  # resume=auto
+    (run / RUN_MARKER).write_text(json.dumps({"verb": "pretrain", "complete": False}))  # killed mid-way
+    with pytest.raises(UserError, match=r"already holds an unfinished `meddino pretrain` run \(resume=auto"):
+        claim_run_folder(run, "pretrain", retry=False)  # its checkpoints: only resume= may continue them
+    claim_run_folder(run, "pretrain", rerun=True, retry=False)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "config.yaml").write_text("my own notes\n")
@@ -63,7 +67,7 @@ def test_the_cli_refuses_before_any_work_and_force_overwrites(tmp_path, cli):
     assert cli(*profile, f"out={out}", "--force").returncode == 0
     bad = cli("profile", f"backbone={tmp_path / 'nowhere.pth'}", *profile[2:], f"out={tmp_path / 'fails'}")
     assert bad.returncode == 2 and "nowhere.pth" in bad.stderr  # a failed first attempt, after the claim ...
-    assert (tmp_path / "fails" / RUN_MARKER).is_file()
+    assert not (tmp_path / "fails").exists()  # refused before writing anything: no folder left behind
     assert cli(*profile, f"out={tmp_path / 'fails'}").returncode == 0  # ... does not block the corrected one
     pre = _pretrain_run(tmp_path / "pre")
     res = cli("eval", "knn", "--config", "knn_tiny", "data.manifest=nowhere.csv", "backbone=random:dinov2_tiny",

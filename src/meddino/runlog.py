@@ -101,12 +101,14 @@ def _json_default(obj: Any) -> Any:
 RUN_MARKER = "meddino_run.json"  # which verb wrote a run folder, and whether that run completed
 
 
-def claim_run_folder(path: str | Path, verb: str, force: bool = False, rerun: bool = False) -> Path:
-    """Make ``path`` this ``verb``'s run folder. It may be new, empty, a run of this verb that did not
-    complete (a failed or killed attempt), or (``rerun``) a completed run of this verb; anything else is
+def claim_run_folder(path: str | Path, verb: str, force: bool = False, rerun: bool = False,
+                     retry: bool = True) -> Path:
+    """Make ``path`` this ``verb``'s run folder. It may be new, empty, (``retry``) a run of this verb that
+    did not complete (a failed or killed attempt), or (``rerun``) any run of this verb; anything else is
     refused in one line naming what is there, unless ``force`` (then only the files this verb writes are
-    overwritten). :func:`complete_run_folder` marks the run complete. On ranks other than 0 it only
-    returns the path."""
+    overwritten). ``retry=False`` is for a verb whose attempts leave state a plain rerun would destroy
+    (pretraining's checkpoints: only ``resume=`` may continue them). :func:`complete_run_folder` marks
+    the run complete. On ranks other than 0 it only returns the path."""
     folder = Path(path).expanduser()
     if not _is_main_process():
         return folder
@@ -114,9 +116,9 @@ def claim_run_folder(path: str | Path, verb: str, force: bool = False, rerun: bo
         raise UserError(f"out: {folder} is a file, not a folder")
     if folder.is_dir() and any(folder.iterdir()) and not force:
         owner, complete = _run_owner(folder)
-        if owner != verb or (complete and not rerun):
+        if owner != verb or not (rerun or (retry and not complete)):
             if owner:
-                what = f"a {'' if complete else 'failed '}`meddino {owner}` run"
+                what = f"{'a' if complete else 'an unfinished'} `meddino {owner}` run"
             else:
                 names = sorted(p.name for p in folder.iterdir())
                 what = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
@@ -132,6 +134,17 @@ def complete_run_folder(path: str | Path, verb: str) -> None:
     """Record that ``verb``'s run in ``path`` completed (a later run of it needs rerun or --force)."""
     if _is_main_process() and Path(path).expanduser().is_dir():
         write_json(Path(path).expanduser() / RUN_MARKER, {"verb": verb, "complete": True})
+
+
+def release_run_folder(path: str | Path) -> None:
+    """Undo a claim whose run wrote nothing: the marker goes, and the folder too when that leaves it empty."""
+    folder = Path(path).expanduser()
+    if not _is_main_process():
+        return
+    with contextlib.suppress(OSError):
+        (folder / RUN_MARKER).unlink(missing_ok=True)
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _run_owner(folder: Path) -> tuple[str | None, bool]:

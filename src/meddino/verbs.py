@@ -2,7 +2,8 @@
 
 A layer's ``commands.py`` holds a ``VERBS`` tuple and the thin runners it names; :mod:`meddino.cli` alone
 turns the declarations into argparse, so no layer imports the CLI. A verb's schema and runner are
-``"module:attr"`` paths, imported only when the verb runs, which keeps ``meddino --help`` fast.
+``"module:attr"`` paths, imported only when the verb runs (this module itself needs only pydantic and the
+config layer), which keeps ``meddino --help`` fast.
 :func:`run_verb` is the one way a verb runs: from the command line, or from another verb (the demo).
 Every verb reads the same way: positional inputs, ``--config RECIPE`` where it has recipes, options that
 fill config keys, and ``key.sub=value`` overrides.
@@ -13,9 +14,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from meddino.runlog import claim_run_folder, complete_run_folder
+from pydantic import BaseModel
+
+from meddino.config import load_config
+from meddino.runlog import claim_run_folder, complete_run_folder, release_run_folder
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,6 @@ def load_attr(path: str) -> Any:
 
 def config_keys(verb: Verb) -> list[tuple[str, str]]:
     """``(dotted key, default)`` of every leaf field of the verb's schema, in declaration order."""
-    from pydantic import BaseModel  # only for --help of one verb
-
     out: list[tuple[str, str]] = []
 
     def walk(model: type, prefix: str) -> None:
@@ -108,8 +111,6 @@ def load_verb_config(verb: Verb, recipe: str | None = None, overrides: Iterable[
                      values: dict[str, Any] | None = None) -> Any:
     """The validated config of ``verb``: recipe, then ``key=value`` overrides, then ``values`` (typed values
     from positional arguments and options, set as given: a path stays a string)."""
-    from meddino.config import load_config  # pydantic and yaml: only once a verb runs, not for --help
-
     overrides = list(overrides)
     values = dict(values or {})
     for prefix, key in verb.prefixed:
@@ -129,10 +130,19 @@ def run_verb(verb: Verb, recipe: str | None = None, overrides: Iterable[str] = (
         folder = cfg
         for part in verb.run_folder.split("."):
             folder = getattr(folder, part)
-        if folder:
-            rerun = verb.rerun if isinstance(verb.rerun, bool) else bool(getattr(cfg, verb.rerun, None))
-            claim_run_folder(folder, verb.path, force=force, rerun=rerun)
-    code = int(load_attr(verb.run)(cfg) or 0)
-    if folder and code == 0:
-        complete_run_folder(folder, verb.path)
+    if not folder:
+        return int(load_attr(verb.run)(cfg) or 0)
+    path = Path(folder).expanduser()
+    fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    rerun = verb.rerun if isinstance(verb.rerun, bool) else bool(getattr(cfg, verb.rerun, None))
+    # a verb that reruns through a key (pretrain: resume=) continues only through it, attempts included
+    claim_run_folder(path, verb.path, force=force, rerun=rerun, retry=isinstance(verb.rerun, bool))
+    try:
+        code = int(load_attr(verb.run)(cfg) or 0)
+    except BaseException:
+        if fresh:  # refused before it wrote anything: leave no folder behind, only the one line
+            release_run_folder(path)
+        raise
+    if code == 0:
+        complete_run_folder(path, verb.path)
     return code
