@@ -93,8 +93,7 @@ def describe_skipped(skipped: list[Skipped], root: str | Path | None = None, sho
     parts = []
     for path, reason in list(by_file.items())[:show]:
         name = _relative(path, root)
-        reason = reason.replace(path, name)
-        parts.append(reason if name in reason else f"{name}: {reason}")
+        parts.append(str(Skipped(name, reason.replace(path, name))))  # the name once, as every skip line
     more = "; ..." if len(by_file) > show else ""
     return f"{len(by_file)} file{'s' if len(by_file) != 1 else ''} skipped: {'; '.join(parts)}{more}"
 

@@ -13,7 +13,7 @@ from meddino.data.manifest import read_manifest
 from meddino.data.splits import patient_kfold, single_sample_classes
 from meddino.errors import ConfigError, DataError
 from meddino.runlog import atomic_write
-from meddino.tasks.classify.units import make_units, warn_single_sample_classes
+from meddino.tasks.classify.units import describe_single_sample_classes, make_units, warn_single_sample_classes
 
 
 def _validated(cfg: Any, need_units: bool, need_val: bool = False) -> Any:
@@ -78,9 +78,8 @@ def run_split(cfg: Any) -> int:
     m = read_manifest(src, label_columns=cfg.label_columns, patient_column=cfg.patient_column, check_files=False)
     single = single_sample_classes(m.labels, m.names)
     if cfg.stratify and single:  # stratification over k folds needs each class in more than one
-        listed = ", ".join(f"'{name}' (CSV line {row + 2})" for name, row in single[:3])
-        raise DataError(f"{src}: cannot stratify {cfg.k} folds: {len(single)} class(es) with a single sample: "
-                        f"{listed}; merge or drop them, or split without stratification (stratify=false)")
+        raise DataError(f"{src}: cannot stratify {cfg.k} folds: {describe_single_sample_classes(single)}; "
+                        "merge or drop them, or split without stratification (stratify=false)")
     folds = patient_kfold(m.patients, m.labels if cfg.stratify else None, k=cfg.k, seed=cfg.seed)
     with open(src, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)

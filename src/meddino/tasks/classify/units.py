@@ -67,11 +67,15 @@ def warn_single_sample_classes(m: Manifest, where: str) -> None:
     """One warning line per run when a class has a single sample (see :func:`single_sample_classes`)."""
     single = single_sample_classes(m.labels, m.names)
     if single:
-        listed = ", ".join(f"'{name}' (CSV line {row + 2})" for name, row in single[:3])
-        more = f" and {len(single) - 3} more" if len(single) > 3 else ""
-        print(f"meddino: warning: {where}: {len(single)} class(es) with a single sample: {listed}{more}; each is "
-              "tested in one unit at most and never learnt there, and its AUROC is undefined elsewhere",
-              file=sys.stderr)
+        print(f"meddino: warning: {where}: {describe_single_sample_classes(single)}; each is tested in one unit "
+              "at most and never learnt there, and its AUROC is undefined elsewhere", file=sys.stderr)
+
+
+def describe_single_sample_classes(single: list[tuple[str, int]], show: int = 3) -> str:
+    """"N class(es) with a single sample: 'name' (CSV line L), ..." for :func:`single_sample_classes`'s list."""
+    listed = ", ".join(f"'{name}' (CSV line {row + 2})" for name, row in single[:show])
+    more = f" and {len(single) - show} more" if len(single) > show else ""
+    return f"{len(single)} class(es) with a single sample: {listed}{more}"
 
 
 def _finish(m: Manifest, name: str, train: np.ndarray, val: np.ndarray, test: np.ndarray, need_val: bool,
