@@ -133,14 +133,6 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, what: str | None = No
     node[parts[-1]] = value
 
 
-def validate(schema: type[S], data: dict[str, Any], source: str = "config") -> S:
-    """Build ``schema`` from ``data``; the first problem becomes one line naming the key."""
-    try:
-        return schema.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, schema, source)) from None
-
-
 def _error_loc(exc: ValidationError) -> list[str]:
     return [str(p) for p in exc.errors()[0].get("loc", ()) if not str(p).startswith("function-after")]
 
