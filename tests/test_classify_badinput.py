@@ -40,7 +40,7 @@ GOOD = [_row(0, "a", "train"), _row(1, "b", "train"), _row(2, "a", "test"), _row
         ([{**r, "split": "train"} for r in GOOD], ["image", "label", "patient", "split"], [],
          "split 'test' is empty"),
         ([*GOOD[:3], {**GOOD[3], "patient": "P0"}], ["image", "label", "patient", "split"], [],
-         "patient P0 appears in both train and test"),
+         "patient P0 is in both train and test (column 'split' in manifest "),
     ],
     ids=["missing-image", "no-label-column", "one-class", "empty-split", "shared-patient"],
 )
@@ -54,6 +54,28 @@ def test_bad_input_one_line_exit_2(tmp_path, cli, rows, header, extra, expected)
     assert lines[0].startswith("meddino: error: ") and expected in lines[0], lines[0]
     if "image not found" in expected:
         assert "nope.png" in lines[0]
+
+
+@pytest.mark.parametrize("verb, column, values, expected", [
+    ("fewshot", "split", ["train", "train", "test", "test"],
+     "patient P0 is in both train and test (column 'split' in manifest {m}: CSV line 2 in train, CSV line 5 in test)"),
+    ("finetune", "fold", ["0", "1", "2", "2"],
+     "patient P0 is in both fold 0 and fold 2 (column 'fold' in manifest {m}: CSV line 2 in fold 0, "
+     "CSV line 5 in fold 2)"),
+], ids=["fewshot-split", "finetune-folds"])
+def test_a_patient_on_two_sides_is_refused_by_every_protocol(tmp_path, cli, verb, column, values, expected):
+    """The few-shot draw and the fold scheme go through the same check as kNN: one line naming the patient,
+    the two sides and the rows, exit 2, before any model loads."""
+    rows = [{k: x for k, x in _row(i, "ab"[i % 2], "").items() if k != "split"} | {column: v}
+            for i, v in enumerate(values)]
+    rows[3]["patient"] = "P0"
+    manifest = _dataset(tmp_path, rows, ["image", "label", "patient", column])
+    proc = cli("eval", verb, "--config", f"{verb}_tiny", f"data.manifest={manifest}", "backbone=random:dinov2_tiny",
+               f"out={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"meddino: error: {expected.format(m=manifest.resolve())}"], proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_shipped_recipes_validate():

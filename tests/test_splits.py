@@ -63,11 +63,26 @@ def test_holdout_is_patient_level():
 
 
 def test_leak_check_names_the_patient():
-    check_no_leak({"train": ["a", "b", "b"], "val": ["c"], "test": ["d", "d"]})
-    with pytest.raises(DataError, match=r"patient b appears in both train and test"):
-        check_no_leak({"train": ["a", "b"], "val": ["c"], "test": ["b"]})
-    with pytest.raises(DataError, match=r"patient c appears in both val and test"):
-        check_no_leak({"train": ["a"], "val": ["c"], "test": ["c"]})
+    check_no_leak({"train": ["a", "b", "b"], "val": ["c"], "test": ["d", "d"]}, where="w")
+    with pytest.raises(DataError, match=r"^patient b is in both train and test \(w\)$"):
+        check_no_leak({"train": ["a", "b"], "val": ["c"], "test": ["b"]}, where="w")
+    with pytest.raises(DataError, match=r"patient c is in both val and test"):
+        check_no_leak({"train": ["a"], "val": ["c"], "test": ["c"]}, where="w")
+
+
+def test_leak_check_names_the_entries_folds_and_counts_the_rest():
+    sides = {"fold 0": ["x", "y", "q"], "fold 1": [], "fold 2": ["z", "y", "q"]}
+    with pytest.raises(DataError) as err:
+        check_no_leak(sides, where="data.fold_column 'fold' in m.csv", name_of=lambda s, j: f"row {s}/{j}")
+    assert str(err.value) == ("patient y is in both fold 0 and fold 2 (data.fold_column 'fold' in m.csv: "
+                              "row fold 0/1 in fold 0, row fold 2/1 in fold 2); 1 more patient(s) are on two sides too")
+
+
+def test_leak_check_is_vectorised_and_exact_on_a_large_split():
+    patients = np.array([f"p{i}" for i in range(200_000)], dtype=object)
+    check_no_leak({"train": patients[:150_000], "test": patients[150_000:]}, where="w")
+    with pytest.raises(DataError, match="patient p149999 is in both train and test"):
+        check_no_leak({"train": patients[:150_000], "test": patients[149_999:]}, where="w")
 
 
 def _manifest(patients, labels, split=None, fold=None) -> Manifest:
@@ -80,8 +95,18 @@ def _manifest(patients, labels, split=None, fold=None) -> Manifest:
 
 def test_units_refuse_a_shared_patient():
     m = _manifest(["a", "b", "c", "b"], [0, 1, 0, 1], split=["train", "train", "test", "test"])
-    with pytest.raises(DataError, match="patient b appears in both train and test"):
+    with pytest.raises(DataError, match=r"patient b is in both train and test \(column 'split' in manifest: "
+                                        r"CSV line 3 in train, CSV line 5 in test\)"):
         make_units(m, need_val=False)
+
+
+def test_units_refuse_a_patient_in_two_folds():
+    m = _manifest(["a", "b", "c", "d", "b"], [0, 1, 0, 1, 1], fold=[0, 1, 2, 2, 2])
+    with pytest.raises(DataError, match=r"patient b is in both fold 1 and fold 2 \(column 'fold' in manifest: "
+                                        r"CSV line 3 in fold 1, CSV line 6 in fold 2\)"):
+        make_units(m, need_val=True)
+    m = _manifest(["a", "b", "c", "d", "b"], [0, 1, 0, 1, 1], fold=[0, 1, 2, 2, 1])
+    assert [u.name for u in make_units(m, need_val=True)] == ["fold0", "fold1", "fold2"]
 
 
 def test_units_empty_split_and_carved_validation():

@@ -7,7 +7,9 @@
   (cyclically) the validation set when one is needed (with fewer than 3 folds it is carved from the training
   folds instead), the rest is training data.
 
-Every unit is checked for patient-level leaks between its three sides before anything is trained.
+The column a scheme uses is checked for patient-level leaks (:func:`meddino.data.splits.check_no_leak`: a
+patient in two splits or two folds) before any unit is made; units are unions of its sides plus a
+patient-level validation carve-out, so no unit can then share a patient between its sides.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def make_units(
         folds = sorted(set(m.fold.tolist()))
         if len(folds) < 2:
             raise DataError(f"{where}: the fold column has {len(folds)} fold(s); need at least 2")
+        _check_column(m, "fold", {f"fold {f}": rows[m.fold == f] for f in folds}, where)
         for i, f in enumerate(folds):
             test = rows[m.fold == f]
             val = rows[m.fold == folds[(i + 1) % len(folds)]] if need_val and len(folds) >= 3 else rows[:0]
@@ -55,6 +58,7 @@ def make_units(
     else:
         assert m.split is not None
         sides = {s: rows[m.split == s] for s in ("train", "val", "test")}
+        _check_column(m, "split", sides, where)
         for s in ("train", "test"):
             if sides[s].size == 0:
                 raise DataError(f"{where}: split '{s}' is empty")
@@ -78,10 +82,14 @@ def describe_single_sample_classes(single: list[tuple[str, int]], show: int = 3)
     return f"{len(single)} class(es) with a single sample: {listed}{more}"
 
 
+def _check_column(m: Manifest, column: str, sides: dict[str, np.ndarray], where: str) -> None:
+    """No patient on two sides of the ``split`` or ``fold`` column (rows named by CSV line)."""
+    check_no_leak({s: m.patients[r] for s, r in sides.items()}, where=f"column '{column}' in {where}",
+                  name_of=lambda s, j: f"CSV line {int(sides[s][j]) + 2}")
+
+
 def _finish(m: Manifest, name: str, train: np.ndarray, val: np.ndarray, test: np.ndarray, need_val: bool,
             val_fraction: float, seed: int, where: str) -> Unit:
-    check_no_leak({"train": m.patients[train], "val": m.patients[val], "test": m.patients[test]},
-                  where=f"{where} ({name})")
     if need_val and val.size == 0:
         held = patient_holdout(m.patients[train], m.labels[train], fraction=val_fraction, seed=seed)
         train, val = train[~held], train[held]
