@@ -277,7 +277,15 @@ def test_manifest_split_and_fold_columns(tmp_path):
     # a patient in two folds is refused
     bad = out[:2] + [out[2].rsplit(",", 1)[0] + ",1"] + out[3:]
     csv_path.write_text("\n".join(bad) + "\n")
-    with pytest.raises(DataError, match="patient 'p0' is in folds 0 and 1"):
+    with pytest.raises(DataError, match=r"^patient p0 is in both fold 0 and fold 1 \(data.fold_column 'fold' in "
+                                        r".*pairs.csv: img0.png in fold 0, img1.png in fold 1\)$"):
+        make_folds(load_seg_data(cfg), cfg, seed=0)
+    # and so is a patient in two splits: p0's second image in test
+    bad = out[:2] + [out[2].replace(",train,", ",test,")] + out[3:]
+    csv_path.write_text("\n".join(bad) + "\n")
+    cfg = SegDataConfig(manifest=str(csv_path), classes=["bg", "a", "b"], split_column="split")
+    with pytest.raises(DataError, match=r"^patient p0 is in both train and test \(data.split_column 'split' in "
+                                        r".*pairs.csv: img0.png in train, img1.png in test\)$"):
         make_folds(load_seg_data(cfg), cfg, seed=0)
 
 

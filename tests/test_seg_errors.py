@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 from test_seg_data import make_cholec, make_manifest
 
@@ -42,3 +43,21 @@ def test_empty_dataset(cli, tmp_path):
     r = cli("eval", "seg", "-c", "seg_tiny", "data.layout=msd", f"data.root={tmp_path / 'empty'}",
             "data.classes=[bg,x]", f"out={tmp_path / 'o'}")
     _one_line_error(r, "no image/mask pairs found")
+
+
+@pytest.mark.parametrize("column, values, sides", [
+    ("split", ["train", "test", "train", "train"], ("train", "test")),
+    ("fold", ["0", "1", "1", "1"], ("fold 0", "fold 1")),
+], ids=["split_column", "fold_column"])
+def test_a_patient_on_two_sides_is_refused(cli, tmp_path, column, values, sides):
+    """A manifest whose patient p0 (img0, img1) is in train and test, or in two folds, would train on test
+    images: refused in one line naming the patient, the sides, the column and the rows, before any mask is
+    read and before a run folder exists."""
+    csv = make_manifest(tmp_path / "m", n=4)  # patients p0 (img0, img1) and p1 (img2, img3)
+    lines = csv.read_text().strip().splitlines()
+    csv.write_text("\n".join([f"{lines[0]},{column}"] + [f"{ln},{v}" for ln, v in zip(lines[1:], values)]) + "\n")
+    r = cli("eval", "seg", "-c", "seg_tiny", f"data.manifest={csv}", "data.classes=[bg,a,b]",
+            f"data.{column}_column={column}", f"out={tmp_path / 'o'}")
+    _one_line_error(r, f"patient p0 is in both {sides[0]} and {sides[1]} (data.{column}_column '{column}' in {csv}: "
+                       f"img0.png in {sides[0]}, img1.png in {sides[1]})")
+    assert not (tmp_path / "o").exists()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from meddino.data.seg_layouts import SegData
-from meddino.data.splits import patient_kfold
+from meddino.data.splits import check_no_leak, patient_kfold
 from meddino.errors import ConfigError, DataError
 from meddino.tasks.seg.config import SegDataConfig
 
@@ -53,9 +53,18 @@ def split_val(train: Sequence[str], fraction: float, seed: int) -> tuple[list[st
     return [p for p in ids if p not in set(val)], val
 
 
+def _check_column(data: SegData, column: str, key: str, sides: Sequence[str], manifest: str | None) -> None:
+    """No patient in two of the column's ``sides`` (splits, or ``fold<k>``), its rows named by image."""
+    cases = {s.replace("fold", "fold "): [c for c in data.cases if c.split == s] for s in sides}
+    check_no_leak({s: [c.patient for c in cs] for s, cs in cases.items()},
+                  where=f"data.{key} '{column}' in {manifest}", name_of=lambda s, j: cases[s][j].id)
+
+
 def make_folds(data: SegData, cfg: SegDataConfig, seed: int) -> list[Fold]:
-    """Folds from the manifest's split column if given, else patient-level k-fold CV."""
+    """Folds from the manifest's split or fold column if given (a patient on two sides of either is refused),
+    else patient-level k-fold CV."""
     if cfg.split_column:
+        _check_column(data, cfg.split_column, "split_column", ("train", "val", "test"), cfg.manifest)
         by = {s: sorted({c.patient for c in data.cases if c.split == s}) for s in ("train", "val", "test")}
         if not by["train"] or not by["test"]:
             raise DataError(f"data.split_column '{cfg.split_column}': needs train and test rows")
@@ -66,14 +75,10 @@ def make_folds(data: SegData, cfg: SegDataConfig, seed: int) -> list[Fold]:
         return [Fold(0, train, val, by["test"])]
     if cfg.fold_column:
         fold_ids = sorted({int(c.split[4:]) for c in data.cases})
-        by_fold = {f: sorted({c.patient for c in data.cases if c.split == f"fold{f}"}) for f in fold_ids}
-        for f in fold_ids:
-            for g in fold_ids:
-                if f < g and set(by_fold[f]) & set(by_fold[g]):
-                    both = sorted(set(by_fold[f]) & set(by_fold[g]))[0]
-                    raise DataError(f"data.fold_column: patient '{both}' is in folds {f} and {g}")
         if len(fold_ids) < 2:
-            raise DataError("data.fold_column: needs at least two folds")
+            raise DataError(f"data.fold_column '{cfg.fold_column}' in {cfg.manifest}: needs at least two folds")
+        _check_column(data, cfg.fold_column, "fold_column", [f"fold{f}" for f in fold_ids], cfg.manifest)
+        by_fold = {f: sorted({c.patient for c in data.cases if c.split == f"fold{f}"}) for f in fold_ids}
         test_sets = [by_fold[f] for f in fold_ids]
     else:
         test_sets = patient_folds(data.patients, cfg.folds, seed)

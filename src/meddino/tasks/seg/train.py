@@ -302,8 +302,8 @@ def run_eval_seg(cfg: SegConfig) -> int:
     spec = head_spec(cfg.head)
     data = load_seg_data(cfg.data, check=False)  # cases and classes only
     check_model(cfg)  # backbone, head and input size are checked before the slow mask scan
+    folds = make_folds(data, cfg.data, cfg.seed)  # and so are the split and folds (no patient on two sides)
     scan(data)
-    folds = make_folds(data, cfg.data, cfg.seed)
     run = RunDir(cfg.out, cfg, tensorboard=False)
     amp = cfg.train.amp and device.type == "cuda"
     all_rows: list[dict[str, Any]] = []
