@@ -131,8 +131,46 @@ def test_csv_split_and_patient_columns(tmp_path: Path) -> None:
     assert load_phase_dataset(tmp_path, "csv").split_sizes() == {"train": 4, "val": 0, "test": 2}
     rows[3] = ("v3", 0, "p", "pat1", "test")
     write_csv(tmp_path / "phases.csv", rows, header=("video", "frame", "phase", "patient", "split"))
-    with pytest.raises(DataError, match="patient 'pat1'"):
+    with pytest.raises(DataError, match=r"^patient pat1 is in both train and test \(column 'split' in .*phases.csv: "
+                                        r"video v2 in train, video v3 in test\)$"):
         load_phase_dataset(tmp_path, "csv")
+
+
+def test_video_lists_and_random_splits_keep_patients_on_one_side(tmp_path: Path) -> None:
+    """The explicit video lists are checked against the patient column too, and a random split keeps a
+    patient's videos together even when other videos have no patient."""
+    names = [f"v{i}" for i in range(8)]
+    for n in names:
+        (tmp_path / "frames" / n).mkdir(parents=True)
+    patients = ["pat0", "pat0", "pat1", "pat1", "", "", "", ""]
+    rows = [(n, 0, "p", p) for n, p in zip(names, patients)]
+    write_csv(tmp_path / "phases.csv", rows, header=("video", "frame", "phase", "patient"))
+    with pytest.raises(DataError, match=r"^patient pat0 is in both train and test \(data.\*_videos, patients from "
+                                        r".*phases.csv: video v0 in train, video v1 in test\)$"):
+        load_phase_dataset(tmp_path, "csv", test_videos=["v1", "v4"])
+    ds = load_phase_dataset(tmp_path, "csv", test_videos=["v2", "v3", "v4"])
+    assert ds.split_sizes() == {"train": 5, "val": 0, "test": 3}
+    for seed in range(20):
+        ds = load_phase_dataset(tmp_path, "csv", val_fraction=0.2, test_fraction=0.4, seed=seed)
+        split = {v.name: v.split for v in ds.videos}
+        assert split["v0"] == split["v1"] and split["v2"] == split["v3"], (seed, split)
+
+
+def test_eval_phase_refuses_a_patient_in_two_splits(tmp_path: Path, capsys) -> None:
+    """Through the CLI (in-process): one line, exit 2, before any frame is decoded or model built."""
+    from meddino.cli import main
+
+    for n in ("v0", "v1", "v2"):
+        (tmp_path / "data" / "frames" / n).mkdir(parents=True)
+    rows = [("v0", 0, "p", "pat0", "train"), ("v1", 0, "p", "pat1", "train"), ("v2", 0, "p", "pat0", "test")]
+    write_csv(tmp_path / "data" / "phases.csv", rows, header=("video", "frame", "phase", "patient", "split"))
+    code = main(["eval", "phase", "--config", "phase_tiny", f"data.root={tmp_path / 'data'}",
+                 f"out={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"meddino: error: patient pat0 is in both train and test (column 'split' in "
+                   f"{tmp_path / 'data' / 'phases.csv'}: video v0 in train, video v2 in test)"], err
+    assert not (tmp_path / "run").exists()
 
 
 def test_assign_splits_is_seeded_and_complete() -> None:

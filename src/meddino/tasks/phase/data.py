@@ -22,7 +22,8 @@ Layouts (``data.layout``):
     floor(i * 25 / fps)). Default split as TeCNO: videos 1-32 train, 33-40 val, 41-80 test.
 
 ``data.train_videos`` / ``val_videos`` / ``test_videos`` override any split. Without a split column or official
-split, videos are split at random (seeded) by patient when a patient column exists, else by video.
+split, videos are split at random (seeded) by patient; a video without a patient is a group of its own. Whatever
+the split, a patient's videos on two sides of it are refused (:func:`meddino.data.splits.check_no_leak`).
 
 This module reads annotations only; decoding the pixels and the frame cache are in
 :mod:`meddino.tasks.phase.frames`.
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from meddino.data.splits import check_no_leak
 from meddino.errors import DataError
 
 CHOLEC80_PHASES = (
@@ -344,10 +346,13 @@ def load_phase_dataset(
     explicit = {"train": train_videos, "val": val_videos, "test": test_videos}
     if any(lst is not None for lst in explicit.values()):
         videos = _explicit_splits(root, videos, explicit)
+        where = f"data.*_videos, patients from {root / 'phases.csv'}"
     elif any(v.split is None for v in videos):
         _random_splits(videos, val_fraction, test_fraction, seed)
+        where = f"the seeded random split of {root}"
     else:
-        _check_patients(videos)
+        where = f"column 'split' in {root / 'phases.csv'}" if layout == "csv" else f"the official {layout} split"
+    _check_patients(videos, where)
     return PhaseDataset(root, layout, list(phases), fps, videos)
 
 
@@ -374,26 +379,22 @@ def _explicit_splits(
 
 
 def _random_splits(videos: list[PhaseVideo], val_fraction: float, test_fraction: float, seed: int) -> None:
-    """Seeded random splits (:func:`assign_splits`) by patient when every video has one, else by video."""
+    """Seeded random splits (:func:`assign_splits`) of patients: a video without a patient is its own."""
     if any(v.split is not None for v in videos):
         missing = next(v.name for v in videos if v.split is None)
         raise DataError(
             f"video '{missing}' has no split while others do (fill the split column or use data.*_videos)"
         )
-    by_patient = all(v.patient for v in videos)
-    groups = {v.name: (v.patient if by_patient else v.name) for v in videos}
+    # why: grouping by video as soon as one video lacks a patient would split the others' patients apart
+    groups = {v.name: v.patient or v.name for v in videos}  # a name equal to a patient id only joins it
     assignment = assign_splits(list(groups.values()), val_fraction, test_fraction, seed)
     for v in videos:
         v.split = assignment[groups[v.name]]
 
 
-def _check_patients(videos: list[PhaseVideo]) -> None:
-    """A patient's videos must all be in one split (no patient leak)."""
-    seen: dict[str, tuple[str, str]] = {}
-    for v in videos:
-        if not v.patient:
-            continue
-        if v.patient in seen and seen[v.patient][0] != v.split:
-            other = seen[v.patient][1]
-            raise DataError(f"patient '{v.patient}' is in {v.split} ({v.name}) and {seen[v.patient][0]} ({other})")
-        seen.setdefault(v.patient, (v.split or "", v.name))
+def _check_patients(videos: list[PhaseVideo], where: str) -> None:
+    """A patient's videos must all be in one split (no patient leak); videos without a patient are skipped."""
+    known = [v for v in videos if v.patient]
+    sides = {s: [v for v in known if v.split == s] for s in SPLITS}
+    check_no_leak({s: [v.patient for v in vs] for s, vs in sides.items()}, where=where,
+                  name_of=lambda s, j: f"video {sides[s][j].name}")

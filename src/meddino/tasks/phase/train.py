@@ -92,9 +92,10 @@ def run_eval(cfg: PhaseEvalConfig) -> int:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     out = Path(cfg.out).expanduser()
+    dataset = _dataset(cfg)  # before RunDir writes: a refused split (a leak, no test video) leaves no folder
     run = RunDir(out, cfg)
     try:
-        return _run(cfg, out, run, device, t_start)
+        return _run(cfg, dataset, out, run, device, t_start)
     finally:
         run.close()
 
@@ -198,9 +199,9 @@ def _results(cfg: PhaseEvalConfig, dataset: PhaseDataset, size: int, per_video: 
     }
 
 
-def _run(cfg: PhaseEvalConfig, out: Path, run: RunDir, device: torch.device, t_start: float) -> int:
+def _run(cfg: PhaseEvalConfig, dataset: PhaseDataset, out: Path, run: RunDir, device: torch.device,
+         t_start: float) -> int:
     d = cfg.data
-    dataset = _dataset(cfg)
     num_classes = len(dataset.phases)
     backbone, size = _backbone(cfg)
 
