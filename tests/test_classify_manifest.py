@@ -103,6 +103,13 @@ def test_nih_adapter(tmp_path):
     assert m.patients.tolist() == ["1", "1", "2", "3"] and m.split.tolist() == ["train", "train", "train", "test"]
     rows = list(csv.DictReader(open(out)))
     assert len(rows[0]) == 1 + 14 + 2 and rows[0]["Atelectasis"] == "0"
+    # a test list that takes one image of a training patient (patient 1) is refused, and nothing is written
+    (root / "test_list.txt").write_text(f"{names[1]}\n{names[3]}\n")
+    with pytest.raises(DataError) as err:
+        nih_chestxray14(root / "Data_Entry_2017.csv", tmp_path / "leak.csv")
+    assert str(err.value) == (f"patient 1 is in both train and test (train_val_list {root / 'train_val_list.txt'} / "
+                              f"test_list {root / 'test_list.txt'}: 00000001_000.png in train, 00000001_001.png in test)")
+    assert not (tmp_path / "leak.csv").exists()
 
 
 def test_chexpert_uncertainty_policies(tmp_path):
@@ -147,6 +154,14 @@ def test_image_folder_adapter(tmp_path):
     _png(root2 / "test" / "a" / "3.png")
     m = read_manifest(image_folder(root2, tmp_path / "h.csv"))
     assert sorted(zip(m.split.tolist(), m.labels.tolist())) == [("test", 0), ("train", 0), ("train", 1)]
+    # one patient in two split folders is refused, naming the files and how the patient was found
+    _png(root2 / "test" / "b" / "7.png")
+    _png(root2 / "train" / "a" / "7.png")
+    with pytest.raises(DataError) as err:
+        image_folder(root2, tmp_path / "i.csv")
+    assert str(err.value) == (f"patient 7 is in both train and test (split folders of {root2}, patient = the file "
+                              "name: train/a/7.png in train, test/b/7.png in test)")
+    assert not (tmp_path / "i.csv").exists()
 
 
 def test_data_manifest_verb(tmp_path, cli):

@@ -16,6 +16,7 @@ from typing import Literal
 
 from meddino.data.io import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS, is_dicom_file, is_image_file, is_volume_file
 from meddino.data.manifest import SPLIT_ALIASES, canonical_number, read_csv_rows, write_manifest
+from meddino.data.splits import check_no_leak
 from meddino.errors import ConfigError, DataError
 
 __all__ = ["CHEXPERT_COMPETITION_LABELS", "NIH_LABELS", "chexpert", "image_folder", "nih_chestxray14"]
@@ -44,6 +45,14 @@ def _read_list(path: Path | None) -> set[str]:
     if not p.is_file():
         raise DataError(f"image list not found: {p}")
     return {line.strip() for line in p.read_text().splitlines() if line.strip()}
+
+
+def _check_split(rows: list[dict[str, object]], where: str, name_of) -> None:
+    """The split a user's lists or folders give is checked here (:func:`check_no_leak`), naming them, rather than
+    at every evaluation of the manifest, which could only name the manifest."""
+    sides = {s: [r for r in rows if r.get("split") == s] for s in ("train", "val", "test")}
+    check_no_leak({s: [r["patient"] for r in rs] for s, rs in sides.items()}, where=where,
+                  name_of=lambda s, j: name_of(sides[s][j]["image"]))
 
 
 def nih_chestxray14(
@@ -96,6 +105,8 @@ def nih_chestxray14(
         out_rows.append(row)
     if not out_rows:
         raise DataError(f"NIH CSV {src}: no usable rows (no images found under {root})")
+    if tv or te:
+        _check_split(out_rows, f"train_val_list {tv_path} / test_list {te_path}", lambda p: Path(p).name)
     cols = ["image", *labels, "patient"] + (["split"] if (tv or te) else [])
     return write_manifest(out, out_rows, cols)
 
@@ -228,5 +239,9 @@ def image_folder(
     if not rows:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS)[:6])
         raise DataError(f"image folder {base}: no images found in class sub-folders (expected ROOT/<class>/*{exts}...)")
+    if split_layout:
+        how = f"patient_regex {patient_regex!r}" if pattern else "the file name"
+        _check_split(rows, f"split folders of {base}, patient = {how}",
+                     lambda p: Path(p).relative_to(base).as_posix())
     cols = ["image", label_column, "patient"] + (["split"] if split_layout else [])
     return write_manifest(out, rows, cols)
