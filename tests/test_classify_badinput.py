@@ -56,26 +56,27 @@ def test_bad_input_one_line_exit_2(tmp_path, cli, rows, header, extra, expected)
         assert "nope.png" in lines[0]
 
 
-@pytest.mark.parametrize("verb, column, values, expected", [
-    ("fewshot", "split", ["train", "train", "test", "test"],
-     "patient P0 is in both train and test (column 'split' in manifest {m}: CSV line 2 in train, CSV line 5 in test)"),
-    ("finetune", "fold", ["0", "1", "2", "2"],
-     "patient P0 is in both fold 0 and fold 2 (column 'fold' in manifest {m}: CSV line 2 in fold 0, "
-     "CSV line 5 in fold 2)"),
-], ids=["fewshot-split", "finetune-folds"])
-def test_a_patient_on_two_sides_is_refused_by_every_protocol(tmp_path, cli, verb, column, values, expected):
+def test_a_patient_on_two_sides_is_refused_by_every_protocol(tmp_path, cli):
     """The few-shot draw and the fold scheme go through the same check as kNN: one line naming the patient,
-    the two sides and the rows, exit 2, before any model loads."""
-    rows = [{k: x for k, x in _row(i, "ab"[i % 2], "").items() if k != "split"} | {column: v}
-            for i, v in enumerate(values)]
-    rows[3]["patient"] = "P0"
-    manifest = _dataset(tmp_path, rows, ["image", "label", "patient", column])
-    proc = cli("eval", verb, "--config", f"{verb}_tiny", f"data.manifest={manifest}", "backbone=random:dinov2_tiny",
-               f"out={tmp_path / 'run'}")
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert lines == [f"meddino: error: {expected.format(m=manifest.resolve())}"], proc.stderr
-    assert not (tmp_path / "run").exists()
+    the two sides and the rows, exit 2, before any model loads and before a run folder exists."""
+
+    def run(verb, column, values):
+        rows = [{k: x for k, x in _row(i, "ab"[i % 2], "").items() if k != "split"} | {column: v}
+                for i, v in enumerate(values)]
+        rows[3]["patient"] = "P0"
+        manifest = _dataset(tmp_path, rows, ["image", "label", "patient", column])
+        proc = cli("eval", verb, "--config", f"{verb}_tiny", f"data.manifest={manifest}",
+                   "backbone=random:dinov2_tiny", f"out={tmp_path / 'run'}")
+        assert proc.returncode == 2, proc.stderr
+        assert not (tmp_path / "run").exists()
+        return proc.stderr.strip().splitlines(), manifest.resolve()
+
+    lines, m = run("fewshot", "split", ["train", "train", "test", "test"])
+    assert lines == [f"meddino: error: patient P0 is in both train and test (column 'split' in manifest {m}: "
+                     "CSV line 2 in train, CSV line 5 in test)"], lines
+    lines, m = run("finetune", "fold", ["0", "1", "2", "2"])
+    assert lines == [f"meddino: error: patient P0 is in both fold 0 and fold 2 (column 'fold' in manifest {m}: "
+                     "CSV line 2 in fold 0, CSV line 5 in fold 2)"], lines
 
 
 def test_shipped_recipes_validate():
