@@ -305,3 +305,146 @@ def test_rows_from_per_class_feed_aggregate(rng):
         ]
         manual.append(np.mean(per_class))
     assert out["dice"]["mean"] == pytest.approx(np.mean(manual))
+
+
+# -------------------------------------------------------------------------------------- metric policies
+def _frame(gt_rects, pred_rects, shape=(12, 12)):
+    """12 x 12 class-index frames painted with half-open rectangles ``(class, (r0, r1, c0, c1))``."""
+    g, p = np.zeros(shape, int), np.zeros(shape, int)
+    for c, (r0, r1, c0, c1) in gt_rects:
+        g[r0:r1, c0:c1] = c
+    for c, (r0, r1, c0, c1) in pred_rects:
+        p[r0:r1, c0:c1] = c
+    return g, p
+
+
+#: docs/metrics.md's worked example: patients A and B, two frames each, classes 1 and 2
+POLICY_EXAMPLE = {
+    # A1: class 1 predicted one column to the right; class 2 (a 2x2 corner) missed
+    ("A", "A1"): _frame([(1, (2, 10, 2, 10)), (2, (10, 12, 0, 2))], [(1, (2, 10, 3, 11))]),
+    # A2: class 1 absent from the ground truth but hallucinated (2x2); class 2 exact
+    ("A", "A2"): _frame([(2, (4, 8, 4, 8))], [(1, (0, 2, 10, 12)), (2, (4, 8, 4, 8))]),
+    # B1: class 1 exact plus a hallucinated 1x2 blob far away; class 2 absent from both
+    ("B", "B1"): _frame([(1, (0, 6, 0, 6))], [(1, (0, 6, 0, 6)), (1, (10, 11, 10, 12))]),
+    # B2: class 1 one column short; class 2 (one pixel) missed
+    ("B", "B2"): _frame([(1, (3, 9, 3, 9)), (2, (0, 1, 0, 1))], [(1, (3, 9, 3, 8))]),
+}
+DIAGONAL_12 = math.sqrt(12**2 + 12**2)
+
+
+def _policy_rows(policy):
+    rows = []
+    for (patient, image), (g, p) in POLICY_EXAMPLE.items():
+        for r in sm.per_class_seg_metrics(g, p, 3, policy=policy):
+            rows.append({**r, "patient": patient, "image": image})
+    return rows
+
+
+def _reference_by_patient(per_frame):
+    """{(patient, image, class): value or None} -> per patient: mean over classes of the per-class frame
+    mean, None values skipped (plain loops, no meddino)."""
+    out = {}
+    for patient in ("A", "B"):
+        per_class = []
+        for c in (1, 2):
+            vals = [v for (pt, _i, cc), v in per_frame.items() if pt == patient and cc == c and v is not None]
+            if vals:
+                per_class.append(sum(vals) / len(vals))
+        out[patient] = sum(per_class) / len(per_class)
+    return out
+
+
+def test_policy_seed000_pools_pixels_and_equals_medpy_hd95():
+    """seed000 against independent references: Dice from TP/FP/FN counted by hand from the rectangles,
+    pooled per patient and class; HD95 = medpy's hd95 on every frame where both masks have the class."""
+    out = sm.aggregate_seg(_policy_rows("seed000"), policy="seed000")
+    # pixel counts by hand: A class 1 = A1 (8x7 overlap, one column FP, one column FN) + A2 (4 px FP)
+    pooled = {("A", 1): (56, 8 + 4, 8), ("A", 2): (0 + 16, 0, 4 + 0),
+              ("B", 1): (36 + 30, 2 + 0, 0 + 6), ("B", 2): (0, 0, 1)}
+    dice_ref = {pt: np.mean([2 * tp / (2 * tp + fp + fn) for (q, _c), (tp, fp, fn) in pooled.items() if q == pt])
+                for pt in ("A", "B")}
+    assert out["dice"]["values"]["A"] == pytest.approx(dice_ref["A"], abs=1e-12)
+    assert out["dice"]["values"]["B"] == pytest.approx(dice_ref["B"], abs=1e-12)
+    assert out["dice"]["mean"] == pytest.approx((dice_ref["A"] + dice_ref["B"]) / 2)
+    assert out["dice"]["std"] == pytest.approx(np.std(list(dice_ref.values())))  # numpy.nanstd: ddof 0
+    jac_ref = {pt: np.mean([tp / (tp + fp + fn) for (q, _c), (tp, fp, fn) in pooled.items() if q == pt])
+               for pt in ("A", "B")}
+    assert out["jaccard"]["values"] == pytest.approx(jac_ref)
+    # HD95: medpy where both masks have the class; frames missing it in either are skipped
+    per_frame = {}
+    for (pt, image), (g, p) in POLICY_EXAMPLE.items():
+        for c in (1, 2):
+            both = (g == c).any() and (p == c).any()
+            per_frame[(pt, image, c)] = float(mb.hd95(p == c, g == c)) if both else None
+    hd_ref = _reference_by_patient(per_frame)
+    assert out["hd95"]["values"] == pytest.approx(hd_ref)
+    for r in _policy_rows("seed000"):
+        ref = per_frame[(r["patient"], r["image"], r["class"])]
+        assert (math.isnan(r["hd95"]) and ref is None) or r["hd95"] == pytest.approx(ref)
+
+
+def test_policy_monai_averages_images_and_equals_monai_hd95():
+    """monai against independent references: per-image medpy Dice (both empty: not counted) averaged per
+    patient and class; HD95 = MONAI's where both masks have the class, the image diagonal where one lacks it."""
+    per_frame_dice, per_frame_hd = {}, {}
+    for (pt, image), (g, p) in POLICY_EXAMPLE.items():
+        for c in (1, 2):
+            gc, pc = g == c, p == c
+            key = (pt, image, c)
+            per_frame_dice[key] = float(mb.dc(pc, gc)) if gc.any() or pc.any() else None
+            if gc.any() and pc.any():
+                per_frame_hd[key] = _monai(compute_hausdorff_distance, pc, gc, percentile=95)
+            else:
+                per_frame_hd[key] = DIAGONAL_12 if gc.any() or pc.any() else None
+    out = sm.aggregate_seg(_policy_rows("monai"), policy="monai")
+    dice_ref, hd_ref = _reference_by_patient(per_frame_dice), _reference_by_patient(per_frame_hd)
+    assert out["dice"]["values"] == pytest.approx(dice_ref)
+    assert out["hd95"]["values"] == pytest.approx(hd_ref, rel=1e-5)
+    assert out["dice"]["std"] == pytest.approx(np.std(list(dice_ref.values()), ddof=1))
+    # the two policies disagree on this example, which is why a run records its policy
+    seed = sm.aggregate_seg(_policy_rows("seed000"), policy="seed000")
+    assert abs(seed["dice"]["mean"] - out["dice"]["mean"]) > 0.1
+    assert abs(seed["hd95"]["mean"] - out["hd95"]["mean"]) > 5
+
+
+def test_docs_metrics_table_gives_the_numbers_of_the_worked_example():
+    """docs/metrics.md's worked-example rows are the numbers these definitions give (the doc cannot drift)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    for r, s in zip(_policy_rows("monai"), _policy_rows("seed000")):
+        line = (f"| {r['image']} | {r['class']} | {r['tp']} | {r['fp']} | {r['fn']} | {_cell(r['dice'])} | "
+                f"{_cell(r['hd95'])} | {_cell(s['hd95'])} |")
+        assert line in doc, line
+    for policy in sm.METRIC_POLICIES:
+        rows = _policy_rows(policy)
+        out = sm.aggregate_seg(rows, policy=policy)
+        for m, label in (("dice", "Dice"), ("jaccard", "Jaccard"), ("hd95", "HD95 (px)")):
+            v = out[m]
+            line = (f"| {policy} | {label} | {_cell(v['values']['A'])} | {_cell(v['values']['B'])} | "
+                    f"{v['mean']:.4f} ± {v['std']:.4f} |")
+            assert line in doc, line
+
+
+def _cell(v: float) -> str:
+    return "-" if math.isnan(v) else f"{v:.4f}"
+
+
+@pytest.mark.parametrize("shape,spacing", [((36, 30), None), ((10, 14, 12), (2.5, 0.8, 0.8))])
+def test_hd95_seed000_equals_medpy_hd95(rng, shape, spacing):
+    for _ in range(4):
+        p, g = _blob(rng, shape), _blob(rng, shape)
+        assert sm.hd95(g, p, spacing, policy="seed000") == pytest.approx(mb.hd95(p, g, voxelspacing=spacing),
+                                                                          abs=1e-9)
+    z = np.zeros(shape, bool)
+    assert math.isnan(sm.hd95(z, p, spacing, policy="seed000")) and math.isnan(sm.hd95(g, z, policy="seed000"))
+
+
+def test_policy_errors_name_the_cause():
+    rows = [{"image": "x", "patient": "P", "class": 1, "dice": 1.0, "jaccard": 1.0, "hd95": 0.0}]
+    sm.aggregate_seg(rows)  # monai needs no counts
+    with pytest.raises(DataError, match="metric policy seed000 pools pixel counts per patient, and row 0 lacks tp"):
+        sm.aggregate_seg(rows, policy="seed000")
+    assert sm.aggregate_seg(rows, metrics=("hd95",), policy="seed000")["hd95"]["mean"] == 0.0
+    with pytest.raises(DataError, match="unknown metric policy 'medpy'"):
+        sm.hd95(np.ones((3, 3)), np.ones((3, 3)), policy="medpy")

@@ -27,6 +27,8 @@ __all__, __getattr__ = lazy_exports(
         "hd95": ".segmentation",
         "image_diagonal": ".segmentation",
         "jaccard": ".segmentation",
+        "METRIC_POLICIES": ".segmentation",
+        "metric_policy": ".segmentation",
         "per_class_seg_metrics": ".segmentation",
     },
 )

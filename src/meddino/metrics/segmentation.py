@@ -1,7 +1,17 @@
 """Segmentation metrics: Dice, Jaccard, HD95 per class, and the per-patient aggregation of seed 000.
 
-Libraries disagree on HD95 and on empty masks (see docs/metrics.md), so meddino pins ONE definition of each
-metric here and counts missed structures instead of letting them vanish from the mean.
+Libraries disagree on HD95 and on empty masks (see docs/metrics.md), and seed 000's released code differs
+from both, so meddino pins each definition under a named **metric policy** (:data:`METRIC_POLICIES`):
+
+- ``monai`` (the default): per-image Dice averaged over a patient's images; HD95 = the max of the two
+  directed p95s (MONAI); a missed or hallucinated structure scores the image diagonal (counted, never
+  dropped); sample std (``ddof=1``) over patients.
+- ``seed000`` (seed 000's ``inference_metrics.py``): Dice from the TP/FP/FN pixels pooled over a patient's
+  images, per class; HD95 = p95 of both directions' distances pooled (``medpy.metric.binary.hd95``); a
+  frame where the class is absent from the prediction or the ground truth has no HD95 (skipped); population
+  std (``numpy.nanstd``, ``ddof=0``) over patients.
+
+The rest of this docstring is the ``monai`` policy; the policy's switches are named where they act.
 
 Masks are numpy arrays of class indices (``[H, W]`` frames or ``[D, H, W]`` volumes) or binary masks for
 the single-mask functions; any non-zero value of a binary mask is foreground. Every function takes the
@@ -39,14 +49,16 @@ uses to choose its best epoch on the validation patients (on the device, during 
   ``ignore_index`` are removed from both masks before any metric; background (class 0) is left out unless
   ``include_background``.
 - **Aggregation** (:func:`aggregate_seg`, seed 000's protocol): per group (patient by default) each
-  class's value is averaged over the group's images, then the classes are averaged (NaN = class absent in
-  prediction and ground truth, skipped), then mean and sample std (``ddof=1``) over groups.
+  class's value is averaged over the group's images (``seed000``: Dice and Jaccard from the group's summed
+  TP/FP/FN of that class instead), then the classes are averaged (NaN = class absent in prediction and
+  ground truth, skipped), then mean and std (the policy's ``ddof``) over groups.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 from scipy import ndimage
@@ -57,17 +69,56 @@ if TYPE_CHECKING:  # foreground_dice's tensors; torch itself is imported only wh
     import torch
 
 __all__ = [
+    "DEFAULT_METRIC_POLICY",
+    "METRIC_POLICIES",
     "SEG_METRICS",
+    "MetricPolicy",
+    "MetricPolicyName",
     "aggregate_seg",
     "dice",
     "foreground_dice",
     "hd95",
     "image_diagonal",
     "jaccard",
+    "metric_policy",
     "per_class_seg_metrics",
 ]
 
 SEG_METRICS: tuple[str, ...] = ("dice", "jaccard", "hd95")
+
+#: the names a config may give (``metrics.policy`` of ``meddino eval seg``)
+MetricPolicyName = Literal["monai", "seed000"]
+
+
+@dataclass(frozen=True)
+class MetricPolicy:
+    """One named set of definitions (see the module docstring and docs/metrics.md)."""
+
+    name: str
+    overlap: Literal["image", "pooled"]  # Dice/Jaccard per (patient, class): mean of per-image values | pooled TP/FP/FN
+    hd95_directions: Literal["max", "pooled"]  # max of the two directed p95s (MONAI) | p95 of both pooled (medpy)
+    hd95_one_empty: Literal["diagonal", "skip"]  # class absent from exactly one mask: image diagonal | NaN (skipped)
+    std_ddof: int  # of the std over patients: 1 = sample std, 0 = numpy.nanstd (seed 000)
+
+
+METRIC_POLICIES: dict[str, MetricPolicy] = {
+    "monai": MetricPolicy("monai", overlap="image", hd95_directions="max", hd95_one_empty="diagonal", std_ddof=1),
+    "seed000": MetricPolicy("seed000", overlap="pooled", hd95_directions="pooled", hd95_one_empty="skip",
+                            std_ddof=0),
+}
+assert set(METRIC_POLICIES) == set(get_args(MetricPolicyName))
+DEFAULT_METRIC_POLICY = "monai"
+
+
+def metric_policy(policy: str | MetricPolicy) -> MetricPolicy:
+    """The :class:`MetricPolicy` of a name (a policy passes through); DataError for an unknown name."""
+    if isinstance(policy, MetricPolicy):
+        return policy
+    try:
+        return METRIC_POLICIES[policy]
+    except (KeyError, TypeError):
+        raise DataError(f"unknown metric policy {policy!r} (known: {', '.join(METRIC_POLICIES)})") from None
+
 
 Spacing = float | Sequence[float] | np.ndarray | None
 
@@ -121,11 +172,15 @@ def _surface(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
-def hd95(y_true: np.ndarray, y_pred: np.ndarray, spacing: Spacing = None, *, connectivity: int = 1) -> float:
-    """Symmetric HD95 (MONAI convention) in the unit of ``spacing``; see the module docstring.
+def hd95(y_true: np.ndarray, y_pred: np.ndarray, spacing: Spacing = None, *, connectivity: int = 1,
+         policy: str | MetricPolicy = DEFAULT_METRIC_POLICY) -> float:
+    """Symmetric HD95 in the unit of ``spacing``; see the module docstring.
 
-    Both empty -> NaN; exactly one empty -> :func:`image_diagonal`.
+    ``monai``: ``max(p95(pred->gt), p95(gt->pred))`` (``monai.metrics.compute_hausdorff_distance``), exactly
+    one mask empty -> :func:`image_diagonal`. ``seed000``: ``p95`` of both directions' distances pooled
+    (``medpy.metric.binary.hd95``), exactly one empty -> NaN (the frame is skipped). Both empty -> NaN.
     """
+    pol = metric_policy(policy)
     p, g = _binary_pair(y_true, y_pred)
     if p.ndim == 0:
         raise DataError("hd95: masks must have at least one dimension")
@@ -136,7 +191,7 @@ def hd95(y_true: np.ndarray, y_pred: np.ndarray, spacing: Spacing = None, *, con
     if not p_any and not g_any:
         return float("nan")
     if p_any != g_any:
-        return image_diagonal(p.shape, sp)
+        return image_diagonal(p.shape, sp) if pol.hd95_one_empty == "diagonal" else float("nan")
     # Crop to the union's bounding box plus one voxel: erosion and distances between surface voxels are
     # unchanged (the margin is background, outside-the-image is background anyway), and the distance
     # transforms get much cheaper on large volumes with small structures.
@@ -147,6 +202,8 @@ def hd95(y_true: np.ndarray, y_pred: np.ndarray, spacing: Spacing = None, *, con
     sp_edge, g_edge = _surface(p, structure), _surface(g, structure)
     d_pred_to_gt = ndimage.distance_transform_edt(~g_edge, sampling=sp)[sp_edge]
     d_gt_to_pred = ndimage.distance_transform_edt(~sp_edge, sampling=sp)[g_edge]
+    if pol.hd95_directions == "pooled":
+        return float(np.percentile(np.concatenate([d_pred_to_gt, d_gt_to_pred]), 95))
     return float(max(np.percentile(d_pred_to_gt, 95), np.percentile(d_gt_to_pred, 95)))
 
 
@@ -157,13 +214,17 @@ def per_class_seg_metrics(
     ignore_index: int | None = None,
     spacing: Spacing = None,
     include_background: bool = False,
+    policy: str | MetricPolicy = DEFAULT_METRIC_POLICY,
 ) -> list[dict[str, object]]:
-    """Dice, Jaccard and HD95 of every class of one image / volume of class indices.
+    """Dice, Jaccard and HD95 (under ``policy``) of every class of one image / volume of class indices.
 
-    Returns one dict per class: ``{"class", "dice", "jaccard", "hd95", "gt_present", "pred_present"}``.
-    Pixels with ground truth ``ignore_index`` are excluded from both masks (and that class, if it is a class
-    index, is not reported). Labels outside ``[0, num_classes)`` other than ``ignore_index`` are an error.
+    Returns one dict per class: ``{"class", "dice", "jaccard", "hd95", "tp", "fp", "fn", "gt_present",
+    "pred_present"}``; ``tp``/``fp``/``fn`` are the class's pixel counts, which :func:`aggregate_seg` pools
+    per patient under ``seed000``. Pixels with ground truth ``ignore_index`` are excluded from both masks
+    (and that class, if it is a class index, is not reported). Labels outside ``[0, num_classes)`` other
+    than ``ignore_index`` are an error.
     """
+    pol = metric_policy(policy)
     p, g = np.asarray(y_pred), np.asarray(y_true)
     if p.shape != g.shape:
         raise DataError(f"prediction and ground truth differ in shape: {tuple(p.shape)} vs {tuple(g.shape)}")
@@ -184,12 +245,16 @@ def per_class_seg_metrics(
             continue
         pc = (p == c) & valid
         gc = (g == c) & valid
+        tp = int(np.logical_and(pc, gc).sum())
         rows.append(
             {
                 "class": c,
                 "dice": dice(gc, pc),
                 "jaccard": jaccard(gc, pc),
-                "hd95": hd95(gc, pc, spacing),
+                "hd95": hd95(gc, pc, spacing, policy=pol),
+                "tp": tp,
+                "fp": int(pc.sum()) - tp,
+                "fn": int(gc.sum()) - tp,
                 "gt_present": bool(gc.any()),
                 "pred_present": bool(pc.any()),
             }
@@ -229,48 +294,72 @@ def _sorted_keys(d: Mapping[object, object]) -> list[object]:
         return list(d)
 
 
+def _pooled_overlap(metric: str, tp: int, fp: int, fn: int) -> float:
+    """Dice ``2TP / (2TP + FP + FN)`` or Jaccard ``TP / (TP + FP + FN)`` of pooled counts; NaN when all are 0."""
+    if metric == "dice":
+        denom = 2 * tp + fp + fn
+        return 2.0 * tp / denom if denom else float("nan")
+    denom = tp + fp + fn
+    return tp / denom if denom else float("nan")
+
+
 def aggregate_seg(
     rows: Sequence[Mapping[str, object]],
     by: Sequence[str] = ("patient",),
     metrics: Sequence[str] = SEG_METRICS,
+    policy: str | MetricPolicy = DEFAULT_METRIC_POLICY,
 ) -> dict[str, dict[str, object]]:
     """Seed 000's protocol: classes averaged per group (patient), then groups averaged.
 
     ``rows`` are dicts with keys ``image``, ``class``, the ``by`` keys and the metric values (rows of
     :func:`per_class_seg_metrics` with ``image``/``patient`` added). Per group and class the value is the
-    mean over the group's images (NaN rows skipped); the group's value is the mean over its classes with a
-    defined value; a group with none is NaN and left out. Returns, per metric, ``mean``, ``std`` (``ddof=1``,
-    0.0 for a single group), ``n`` (groups counted), ``values`` (group -> value; the group is the ``by``
-    value, or a tuple of them when ``by`` has several keys) and ``per_class`` (class -> mean over groups of
-    that class's per-group value).
+    mean over the group's images (NaN rows skipped) -- under ``seed000`` Dice and Jaccard are instead computed
+    once from the group's summed ``tp``/``fp``/``fn`` of that class (rows must carry them), as seed 000's
+    released code does; the group's value is the mean over its classes with a defined value; a group with
+    none is NaN and left out. Returns, per metric, ``mean``, ``std`` (the policy's ``ddof``; 0.0 for a single
+    group), ``n`` (groups counted), ``values`` (group -> value; the group is the ``by`` value, or a tuple of
+    them when ``by`` has several keys) and ``per_class`` (class -> mean over groups of that class's per-group
+    value).
     """
+    pol = metric_policy(policy)
     if not rows:
         raise DataError("aggregate_seg: no rows")
     by = tuple(by)
-    # group -> class -> metric -> list of values
+    pooled = [m for m in metrics if pol.overlap == "pooled" and m in ("dice", "jaccard")]
+    counts_needed = ("tp", "fp", "fn") if pooled else ()
+    # group -> class -> metric -> list of values (pooled metrics: [tp, fp, fn] summed)
     table: dict[Hashable, dict[object, dict[str, list[float]]]] = {}
     for i, row in enumerate(rows):
         missing = [k for k in (*by, "class", *metrics) if k not in row]
         if missing:
             raise DataError(f"aggregate_seg: row {i} lacks key(s) {', '.join(missing)}")
+        missing = [k for k in counts_needed if k not in row]
+        if missing:
+            raise DataError(f"aggregate_seg: metric policy {pol.name} pools pixel counts per patient, and row "
+                            f"{i} lacks {', '.join(missing)}")
         key = row[by[0]] if len(by) == 1 else tuple(row[k] for k in by)
-        per_metric = table.setdefault(key, {}).setdefault(row["class"], {m: [] for m in metrics})
+        per_metric = table.setdefault(key, {}).setdefault(
+            row["class"], {m: [0, 0, 0] if m in pooled else [] for m in metrics})
         for m in metrics:
-            per_metric[m].append(float(row[m]))  # type: ignore[arg-type]
+            if m in pooled:
+                for j, k in enumerate(counts_needed):
+                    per_metric[m][j] += int(float(row[k]))  # type: ignore[arg-type]
+            else:
+                per_metric[m].append(float(row[m]))  # type: ignore[arg-type]
 
     out: dict[str, dict[str, object]] = {}
     for m in metrics:
         values: dict[Hashable, float] = {}
         class_values: dict[object, list[float]] = {}
         for key, classes in table.items():
-            per_class = {c: _nanmean(v[m]) for c, v in classes.items()}
+            per_class = {c: _pooled_overlap(m, *v[m]) if m in pooled else _nanmean(v[m]) for c, v in classes.items()}
             for c, v in per_class.items():
                 class_values.setdefault(c, []).append(v)
             values[key] = _nanmean(per_class.values())
         finite = np.asarray([v for v in values.values() if not np.isnan(v)])
         out[m] = {
             "mean": float(finite.mean()) if finite.size else float("nan"),
-            "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
+            "std": float(finite.std(ddof=pol.std_ddof)) if finite.size > 1 else 0.0,
             "n": int(finite.size),
             "values": values,
             "per_class": {c: _nanmean(class_values[c]) for c in _sorted_keys(class_values)},
