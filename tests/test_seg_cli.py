@@ -19,10 +19,11 @@ TINY = ["-c", "seg_tiny", "data.run_folds=[0]", "train.epochs=1", "train.max_ste
         "data.folds=3", "data.val_fraction=0.5"]
 
 
-def _check_run(out, head, n_classes_reported, unit):
+def _check_run(out, head, n_classes_reported, unit, policy="monai"):
     res = json.loads((out / "results.json").read_text())
     assert res["task"] == "segmentation" and res["protocol"] == head and res["level"] == "patient"
     assert res["hd95_unit"] == unit
+    assert res["metric_policy"] == policy
     for m in ("dice", "jaccard", "hd95"):
         entry = res["metrics"][m]
         assert {"mean", "std", "values"} <= set(entry) and entry["n"] >= 1
@@ -30,7 +31,8 @@ def _check_run(out, head, n_classes_reported, unit):
     assert 0.0 <= res["metrics"]["dice"]["mean"] <= 1.0
     assert len(res["folds"]) == 1 and res["folds"][0]["fold"] == 0
     rows = list(csv.DictReader(open(out / "predictions" / "per_image_class.csv")))
-    assert list(rows[0]) == ["image", "patient", "fold", "class", "dice", "jaccard", "hd95", "gt_present", "pred_present"]
+    assert list(rows[0]) == ["image", "patient", "fold", "class", "dice", "jaccard", "hd95", "tp", "fp", "fn",
+                             "gt_present", "pred_present"]
     assert len(rows) == n_classes_reported * len({r["image"] for r in rows})
     assert {r["patient"] for r in rows} == set(res["folds"][0]["test"])
     meta = json.loads((out / "model" / "model.json").read_text())
@@ -59,3 +61,31 @@ def test_eval_and_predict_cholecseg8k(cli, tmp_path, head):
     assert written == sorted([f"frame_{n}_endo_mask.png" for n in (80, 81)] + [f"frame_{n}_endo_overlay.png" for n in (80, 81)])
     m = np.asarray(Image.open(next(pred.rglob("frame_80_endo_mask.png"))))
     assert m.shape == (40, 48) and m.max() < 9
+
+
+def test_seed000_policy_is_recorded_and_pools_the_rows(cli, tmp_path):
+    """metrics.policy=seed000: results.json records it; its per-patient Dice is the CSV's tp/fp/fn pooled by
+    hand per patient and class, its std numpy's (ddof 0), and no frame missing the class has an HD95."""
+    root = make_cholec(tmp_path / "cholec", videos=3, frames=2)
+    out = tmp_path / "run"
+    r = cli("eval", "seg", *TINY, "data.layout=cholecseg8k", f"data.root={root}", "head=linear",
+            "metrics.policy=seed000", f"out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "metric policy seed000" in r.stdout
+    res, rows = _check_run(out, "linear", n_classes_reported=8, unit="pixel", policy="seed000")
+    expected = {}
+    for patient in sorted({row["patient"] for row in rows}):
+        per_class = []
+        for c in sorted({row["class"] for row in rows}):
+            sel = [row for row in rows if row["patient"] == patient and row["class"] == c]
+            tp, fp, fn = (sum(int(row[k]) for row in sel) for k in ("tp", "fp", "fn"))
+            if 2 * tp + fp + fn:
+                per_class.append(2 * tp / (2 * tp + fp + fn))
+        if per_class:
+            expected[patient] = float(np.mean(per_class))
+    dice = res["metrics"]["dice"]
+    assert dice["values"] == pytest.approx(expected)
+    assert dice["std"] == pytest.approx(np.std(list(expected.values())) if len(expected) > 1 else 0.0)
+    for row in rows:
+        if row["gt_present"] != row["pred_present"]:
+            assert row["hd95"] == "nan", row

@@ -64,3 +64,18 @@ def test_a_patient_on_two_sides_is_refused(cli, tmp_path):
                     f"patient p0 is in both fold 0 and fold 1 (data.fold_column 'fold' in {csv}: "
                     "img0.png in fold 0, img1.png in fold 1)")
     assert not (tmp_path / "o").exists()
+
+
+def test_recipes_set_their_metric_policy_and_a_wrong_one_is_one_line(cli, tmp_path):
+    """Seed 000's recipe scores as seed 000's code does; the others keep the monai definitions."""
+    from meddino.config import list_recipes, load_config
+    from meddino.tasks.seg.config import SegConfig
+
+    data = ["data.manifest=pairs.csv", "data.root=frames"]  # whichever the recipe's layout needs
+    policies = {name: load_config(SegConfig, name, data, group="seg").metrics.policy
+                for name, _ in list_recipes()["seg"]}
+    assert policies == {"cholecseg8k_eomt": "seed000", "seed001_linear": "monai", "seed001_unet": "monai",
+                        "seg_tiny": "monai"}
+    r = cli("eval", "seg", "-c", "seg_tiny", "data.layout=cholecseg8k", f"data.root={tmp_path}",
+            "metrics.policy=medpy", f"out={tmp_path / 'o'}")
+    _one_line_error(r, "metrics.policy")

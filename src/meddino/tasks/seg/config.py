@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from meddino.config import Schema
+from meddino.metrics.segmentation import DEFAULT_METRIC_POLICY, MetricPolicyName
 
 #: Seed 000 leaves out CholecSeg8k's low-prevalence classes (names as in :data:`meddino.data.seg_masks.CHOLECSEG8K_CLASSES`).
 SEED000_EXCLUDED = ["blood", "cystic duct", "hepatic vein", "liver ligament"]
@@ -82,6 +83,12 @@ class SegTrainConfig(Schema):
     amp: bool = True  # bf16 autocast on CUDA
 
 
+class SegMetricsConfig(Schema):
+    """Which definitions of Dice, HD95 and empty masks the test patients are scored with (docs/metrics.md)."""
+
+    policy: MetricPolicyName = DEFAULT_METRIC_POLICY  # monai | seed000 (seed 000's released code)
+
+
 class SegConfig(Schema):
     """``meddino eval seg``: train a head per fold, evaluate on the held-out patients."""
 
@@ -94,6 +101,7 @@ class SegConfig(Schema):
     eomt: EoMTConfig = Field(default_factory=EoMTConfig)
     data: SegDataConfig
     train: SegTrainConfig = Field(default_factory=SegTrainConfig)
+    metrics: SegMetricsConfig = Field(default_factory=SegMetricsConfig)
     dataset_name: str | None = None  # display name (default: layout + folder / manifest name)
     save_predictions: bool = True  # predicted masks of the test folds under predictions/masks
     seed: int = 0

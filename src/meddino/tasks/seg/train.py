@@ -23,7 +23,9 @@ Training (seed 000 / seed 001):
 Evaluation: the test patients' images (2-D) or volumes (slices predicted and stacked) at native resolution,
 :func:`meddino.metrics.segmentation.per_class_seg_metrics` per image / volume (HD95 in pixels for 2-D
 frames, in mm with the volume spacing), :func:`~meddino.metrics.segmentation.aggregate_seg` (classes per
-patient, then patients) over all folds' test patients -- each patient is tested exactly once.
+patient, then patients) over all folds' test patients -- each patient is tested exactly once -- both under
+``metrics.policy`` (``monai`` or ``seed000``, see docs/metrics.md), which results.json records as
+``metric_policy`` so that ``meddino report`` can refuse to rank runs scored differently.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ from meddino.tasks.seg.predict import (
     write_volume_mask,
 )
 
-ROW_FIELDS = ("image", "patient", "fold", "class", "dice", "jaccard", "hd95", "gt_present", "pred_present")
+ROW_FIELDS = ("image", "patient", "fold", "class", "dice", "jaccard", "hd95", "tp", "fp", "fn", "gt_present",
+              "pred_present")
 
 
 def _backbone(cfg: SegConfig) -> torch.nn.Module | None:
@@ -256,7 +259,7 @@ def _train_epoch(loop: _Loop, epoch: int, step: int, bar: Progress) -> tuple[lis
 
 def evaluate_fold(model: SegmentationModel, data: SegData, cases: list[SegCase], fold: int, size: tuple[int, int],
                   mean: tuple, std: tuple, device: torch.device, batch_size: int, amp: bool,
-                  mask_dir: Path | None) -> list[dict[str, Any]]:
+                  mask_dir: Path | None, policy: str = "monai") -> list[dict[str, Any]]:
     """Per-image (per-volume), per-class metric rows of the test cases."""
     rows: list[dict[str, Any]] = []
     with Progress(len(cases), f"fold {fold} test", unit="case") as bar:
@@ -266,7 +269,7 @@ def evaluate_fold(model: SegmentationModel, data: SegData, cases: list[SegCase],
             volume = case.kind == "volume"
             p, g = (pred, loaded.mask) if volume else (pred[0], loaded.mask[0])
             metrics = per_class_seg_metrics(g, p, data.num_classes, ignore_index=data.ignore_index,
-                                            spacing=loaded.spacing if volume else None)
+                                            spacing=loaded.spacing if volume else None, policy=policy)
             for r in metrics:
                 rows.append({"image": case.id, "patient": case.patient, "fold": fold,
                              "class": data.classes[int(r["class"])], **{k: r[k] for k in ROW_FIELDS[4:]}})
@@ -306,6 +309,7 @@ def run_eval_seg(cfg: SegConfig) -> int:
     scan(data)
     run = RunDir(cfg.out, cfg, tensorboard=False)
     amp = cfg.train.amp and device.type == "cuda"
+    policy = cfg.metrics.policy
     all_rows: list[dict[str, Any]] = []
     fold_results = []
     meta: dict[str, Any] | None = None
@@ -321,22 +325,23 @@ def run_eval_seg(cfg: SegConfig) -> int:
         mask_dir = run.path / "predictions" / "masks" / f"fold{fold.index}" if cfg.save_predictions else None
         test_cases = _cases(data, fold.test)
         rows = evaluate_fold(model, data, test_cases, fold.index, size, mean, std, device,
-                             cfg.train.batch_size, amp, mask_dir)
+                             cfg.train.batch_size, amp, mask_dir, policy)
         all_rows.extend(rows)
-        agg = aggregate_seg(rows)
+        agg = aggregate_seg(rows, policy=policy)
         fold_results.append({"fold": fold.index, "train": fold.train, "val": fold.val, "test": fold.test, **info,
                              "metrics": {m: {"mean": v["mean"], "std": v["std"], "n": v["n"]} for m, v in agg.items()}})
         run.log(info["steps"], fold=fold.index, **{f"test_{m}": v["mean"] for m, v in agg.items()})
     if not all_rows:
         raise DataError("no test rows were produced (every test image had only ignored pixels?)")
     write_rows(run.path / "predictions" / "per_image_class.csv", all_rows)
-    agg = _summary(aggregate_seg(all_rows))
+    agg = _summary(aggregate_seg(all_rows, policy=policy))
     results = {
         "task": "segmentation",
         "protocol": cfg.head,
         "model": cfg.model_name or (cfg.backbone if spec.needs_backbone else f"{cfg.head} (from scratch)"),
         "dataset": cfg.dataset_name or data.name,
         "level": "patient",
+        "metric_policy": policy,
         "metrics": agg,
         "hd95_unit": "mm" if data.volumetric else "pixel",
         "classes": data.classes,
@@ -353,5 +358,6 @@ def run_eval_seg(cfg: SegConfig) -> int:
     d, h = agg["dice"], agg["hd95"]
     print(f"{results['model']} {cfg.head} on {results['dataset']}: Dice {d['mean']:.4f} +/- {d['std']:.4f}, "
           f"Jaccard {agg['jaccard']['mean']:.4f}, HD95 {h['mean']:.2f} {results['hd95_unit']} "
-          f"({results['n_patients']} patients, {len(folds)} fold(s)) -> {run.path / 'results.json'}")
+          f"({results['n_patients']} patients, {len(folds)} fold(s), metric policy {policy}) -> "
+          f"{run.path / 'results.json'}")
     return 0
