@@ -296,10 +296,13 @@ def test_rank_figure_data_ordered_by_mean_rank(tmp_path):
     assert list(ranks) == ["top", "mid", "low"]
     means = [r["mean"] for r in ranks.values()]
     assert means == sorted(means)
+    # the seed's metrics only (Dice, HD95), not Jaccard as well
+    assert rep.rank_keys["segmentation"] == ["dice / d1", "dice / d2", "hd95 / d1", "hd95 / d2"]
+    assert all("jaccard" in g.metrics for g in rep.groups)
     # independent recomputation: per (metric, dataset, sample) order the models by hand
     pooled = {m: [] for m in ranks}
     for g in rep.groups:
-        for metric in g.metrics:
+        for metric in ("dice", "hd95"):
             sign = -1 if metric == "hd95" else 1
             for s in range(25):
                 vals = {m: sign * g.samples[m][metric][s] for m in g.models}
@@ -442,6 +445,7 @@ def test_phase_runs_per_video_metrics(tmp_path):
         assert uv.values["accuracy"][v] == pytest.approx(1 - 2 / len(labels))
     rep = make_report(ReportConfig(runs=str(root), bootstrap={"samples": 20}))
     assert list(rep.ranks["phase"]) == ["random:a", "random:b"]
+    assert rep.rank_keys["phase"] == ["accuracy / autolaparo", "macro_f1 / autolaparo"]  # not edit nor F1@k
     assert {r["unit"] for r in rep.tables["phase_bootstrap"]} == {"video"}
 
 
@@ -477,3 +481,86 @@ def test_compare_sentence_counts_clear_wins_within_a_protocol():
     assert "classification auroc [linear] -0.020 (P=0.30)" in s
     assert "segmentation dice -0.100 (P=0.01)" in s
     assert compare_sentence(rows, "cont", "random", 0.95) is None
+
+
+# ---------------------------------------------------------------------------- metric policies, rank metrics
+def _policy_seg_run(folder: Path, model: str, policy: str, seed: int) -> Path:
+    """A segmentation run whose rows are meddino's own per_class_seg_metrics on random label maps."""
+    from meddino.metrics.segmentation import per_class_seg_metrics
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(4):
+        for i in range(3):
+            g, pr = rng.integers(0, 3, (10, 10)), rng.integers(0, 3, (10, 10))
+            pr[pr == 2] = 0 if i == 0 else 2  # class 2 never predicted on a patient's first frame
+            for r in per_class_seg_metrics(g, pr, 3, policy=policy):
+                rows.append({"image": f"p{p}_{i}", "patient": f"P{p}", "fold": 0, **r})
+    _write_csv(folder / "predictions" / "per_image_class.csv", rows)
+    metrics = {m: {"mean": 0.5, "std": 0.1, "n": 4} for m in ("dice", "jaccard", "hd95")}
+    (folder / "results.json").write_text(json.dumps({
+        "task": "segmentation", "protocol": "linear", "model": model, "dataset": "d", "level": "patient",
+        "metric_policy": policy, "metrics": metrics}))
+    return folder
+
+
+def test_seed000_runs_are_rebootstrapped_from_pooled_pixels(tmp_path):
+    """A seed000 run's per-patient Dice in the bootstrap = the CSV's tp/fp/fn pooled by hand per patient and
+    class (not the mean of the per-image Dice column)."""
+    run = read_eval_run(_policy_seg_run(tmp_path / "s", "m", "seed000", seed=3))
+    assert run.metric_policy == "seed000"
+    uv = load_segmentation(run)
+    rows = _read(tmp_path / "s" / "predictions" / "per_image_class.csv")
+    for patient in ("P0", "P1", "P2", "P3"):
+        per_class, per_image_mean = [], []
+        for c in ("1", "2"):
+            sel = [r for r in rows if r["patient"] == patient and r["class"] == c]
+            tp, fp, fn = (sum(int(r[k]) for r in sel) for k in ("tp", "fp", "fn"))
+            per_class.append(2 * tp / (2 * tp + fp + fn))
+            per_image_mean.append(np.nanmean([float(r["dice"]) for r in sel]))
+        assert uv.values["dice"][patient] == pytest.approx(np.mean(per_class))
+        assert uv.values["dice"][patient] != pytest.approx(np.mean(per_image_mean))
+    # an old csv without the counts cannot be pooled: left out of the bootstrap with the reason
+    (tmp_path / "s" / "predictions" / "per_image_class.csv").write_text(
+        "image,patient,class,dice,jaccard,hd95\nx,P0,1,0.5,0.3,2.0\n")
+    with pytest.raises(ValueError, match="lacks the tp, fp, fn columns that metric policy seed000 pools"):
+        load_segmentation(run)
+
+
+def test_runs_of_different_metric_policies_are_not_ranked_together(tmp_path, capsys):
+    from meddino.cli import main
+
+    root = tmp_path / "runs"
+    _policy_seg_run(root / "eomt_seed", "a", "seed000", seed=1)
+    make_seg_run(root / "linear_old", "b", "d", 0.6, seed=2)  # written before policies: monai
+    _policy_seg_run(root / "linear_new", "c", "monai", seed=3)
+    assert main(["report", str(root), "bootstrap.samples=5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("meddino: error: "), err
+    assert "cannot rank segmentation runs scored under different metric policies:" in err[0]
+    assert f"{root / 'eomt_seed'} (metric_policy seed000) and {root / 'linear_new'} (metric_policy monai)" in err[0]
+    assert not (root / "report").exists()
+    # one policy throughout is fine
+    shutil.rmtree(root / "eomt_seed")
+    assert main(["report", str(root), "bootstrap.samples=5"]) == 0
+    capsys.readouterr()
+
+
+def test_rank_metrics_are_configurable_and_a_typo_is_one_line(tmp_path, capsys):
+    from meddino.cli import main
+
+    root = tmp_path / "runs"
+    for q, m in ((0.8, "top"), (0.4, "low")):
+        make_seg_run(root / m, m, "d", quality=q, seed=int(q * 10))
+        make_cls_run(root / f"cls_{m}", m, "d", noise=1 - q, seed=int(q * 10))
+    rep = make_report(ReportConfig(runs=str(root), bootstrap={"samples": 10}))
+    assert rep.rank_keys == {"segmentation": ["dice / d", "hd95 / d"], "classification": ["auroc / d"]}
+    rep = make_report(ReportConfig(runs=str(root), bootstrap={"samples": 10},
+                                   rank_metrics={"segmentation": ["jaccard"], "classification": ["auroc", "accuracy"]}))
+    assert rep.rank_keys == {"segmentation": ["jaccard / d"], "classification": ["auroc / d", "accuracy / d"]}
+    assert main(["report", str(root), "rank_metrics.segmentation=[dice,hd59]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rank_metrics.segmentation: 'hd59' is not a metric of the segmentation runs" in err[0]
+    assert "(they have: dice, hd95, jaccard)" in err[0]
+    assert main(["report", str(root), "rank_metrics.phase=[]"]) == 2
+    assert "rank_metrics.phase" in capsys.readouterr().err

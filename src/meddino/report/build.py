@@ -13,7 +13,10 @@ What is computed, and how it follows seed 000 (see docs/report.md):
   patients' rows (AUROC etc. via :mod:`meddino.metrics.classification`; per-patient mean scores when the run
   reports patient level), phase from per-video metrics. 95 % percentile intervals.
 - **Ranks**: all models are ranked on every resample for every (metric, dataset) of a task, the ranks are
-  pooled (:func:`meddino.report.stats.bootstrap_ranks`) and drawn as seed 000's figure.
+  pooled (:func:`meddino.report.stats.bootstrap_ranks`) and drawn as seed 000's figure. The metrics pooled
+  are ``rank_metrics.<task>`` (default the seeds' own: Dice and HD95, accuracy and macro F1, AUROC).
+  Segmentation runs scored under different metric policies (``metric_policy`` in results.json) are refused
+  together: their numbers are not comparable.
 - **Paired differences** for every pair of models: the difference on each shared resample gives an interval
   and P(A better than B).
 - **Metric vs pretraining iteration**, **frozen vs trainable** box plots, **training curves**, viz panels and
@@ -31,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from meddino.errors import DataError, UserError
+from meddino.errors import ConfigError, DataError, UserError
 from meddino.report import stats
 from meddino.report.collect import EvalRun, collect, higher_is_better
 from meddino.report.figures import curve_panels, curves_figure, encoder_boxplot, iteration_figure, rank_figure
@@ -139,6 +142,34 @@ def _select_entries(rep: Report) -> None:
         rep.entries[key] = r
 
 
+def check_metric_policies(runs: list[EvalRun]) -> None:
+    """Refuse (one line naming two runs and their policies) segmentation runs scored under different
+    metric policies: the tables, bootstrap and ranks would compare numbers of different definitions."""
+    seg = sorted((r for r in runs if r.task == "segmentation"), key=lambda r: str(r.path))
+    for r in seg[1:]:
+        if r.metric_policy != seg[0].metric_policy:
+            raise DataError(f"cannot rank segmentation runs scored under different metric policies: {seg[0].path} "
+                            f"(metric_policy {seg[0].metric_policy}) and {r.path} (metric_policy "
+                            f"{r.metric_policy}); rerun one with metrics.policy=... or report them separately")
+
+
+def check_rank_metrics(cfg: ReportConfig, runs: list[EvalRun]) -> None:
+    """``rank_metrics.<task>`` may list only metrics the task's runs report: a typo is a ConfigError naming
+    the key and the metrics there are (checked before any bootstrap, so also with ``bootstrap.samples=0``)."""
+    for task in sorted({r.task for r in runs}):
+        have = sorted(set().union(*(r.metrics for r in runs if r.task == task)))
+        unknown = [k for k in getattr(cfg.rank_metrics, task) if k not in have]
+        if unknown:
+            raise ConfigError(f"rank_metrics.{task}: {', '.join(map(repr, unknown))} is not a metric of the "
+                              f"{task} runs (they have: {', '.join(have)})")
+
+
+def _rank_keys(rep: Report, task: str, groups: list[GroupBootstrap]) -> list[tuple[str, GroupBootstrap]]:
+    """(metric, group) pairs ranked for ``task``: ``rank_metrics.<task>`` in its order, each on every group
+    whose bootstrap has it."""
+    return [(k, g) for k in getattr(rep.cfg.rank_metrics, task) for g in groups if k in g.metrics]
+
+
 def _summary_tables(rep: Report) -> None:
     for (task, dataset, label), r in sorted(rep.entries.items()):
         for metric, v in r.metrics.items():
@@ -208,10 +239,12 @@ def _ranks(rep: Report) -> None:
                 continue
             rep.notes.append(f"{task}: models differ between datasets; ranks use {groups[0].dataset} only")
         sample_scores, hib = {}, {}
-        for g in groups:
-            for k in g.metrics:
-                sample_scores[(k, g.dataset)] = {m: g.samples[m][k] for m in sorted(common)}
-                hib[(k, g.dataset)] = higher_is_better(k)
+        for k, g in _rank_keys(rep, task, groups):
+            sample_scores[(k, g.dataset)] = {m: g.samples[m][k] for m in sorted(common)}
+            hib[(k, g.dataset)] = higher_is_better(k)
+        if not sample_scores:
+            rep.notes.append(f"{task}: no ranks (none of rank_metrics.{task} was bootstrapped)")
+            continue
         ranks = stats.bootstrap_ranks(sample_scores, hib, alpha=rep.cfg.bootstrap.alpha)
         rep.ranks[task] = ranks
         rep.rank_keys[task] = [f"{k} / {d}" for k, d in sample_scores]
@@ -340,6 +373,8 @@ def make_report(cfg: ReportConfig) -> Report:
                         f"metrics.jsonl){extra}")
     rep = Report(cfg, col)
     _select_entries(rep)
+    check_metric_policies(list(rep.entries.values()))
+    check_rank_metrics(cfg, list(rep.entries.values()))
     _summary_tables(rep)
     _bootstrap(rep)
     _ranks(rep)
@@ -379,6 +414,8 @@ __all__ = [
     "Report",
     "ReportConfig",
     "bootstrap_group",
+    "check_metric_policies",
+    "check_rank_metrics",
     "compare_sentence",
     "entry_labels",
     "make_report",

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from meddino.metrics.segmentation import DEFAULT_METRIC_POLICY, METRIC_POLICIES
 from meddino.runlog import read_metrics
 
 EVAL_TASKS = ("classification", "segmentation", "phase")
@@ -62,6 +63,7 @@ class EvalRun:
     iteration: int | None = None  # pretraining iteration of the evaluated checkpoint, if known
     checkpoint: str | None = None  # the backbone spec the run evaluated
     pretrain_run: str | None = None  # the pretraining run the checkpoint belongs to (for curves over iterations)
+    metric_policy: str | None = None  # segmentation: the definitions its metrics were computed with
     results: dict[str, Any] = field(default_factory=dict)
     mtime: float = 0.0
 
@@ -192,6 +194,17 @@ def _scalar_metrics(raw: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _metric_policy(task: str, results: dict[str, Any]) -> str | None:
+    """A segmentation run's ``metric_policy``; one written before policies existed was scored with the
+    definitions that are now ``monai``. None for the other tasks."""
+    if task != "segmentation":
+        return None
+    policy = results.get("metric_policy", DEFAULT_METRIC_POLICY)
+    if policy not in METRIC_POLICIES:
+        raise ValueError(f"results.json: unknown metric_policy {policy!r} (known: {', '.join(METRIC_POLICIES)})")
+    return str(policy)
+
+
 def read_eval_run(path: Path) -> EvalRun:
     """Normalise one ``results.json``; raises ValueError with the reason when it cannot be used."""
     try:
@@ -225,6 +238,7 @@ def read_eval_run(path: Path) -> EvalRun:
         iteration=parse_iteration(results, spec or (model if isinstance(model, str) else None)),
         checkpoint=spec,
         pretrain_run=_pretrain_run_of(results, spec),
+        metric_policy=_metric_policy(task, results),
         results=results,
         mtime=(path / "results.json").stat().st_mtime,
     )

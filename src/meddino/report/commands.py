@@ -18,7 +18,9 @@ VERBS = (
         rerun=True,  # a report is refreshed in place as runs are added
         args=(Arg("runs", "runs", metavar="RUNS_DIR", help="folder holding run folders (searched recursively)"),),
         overrides_help="out=DIR bootstrap.samples=1000 bootstrap.seed=0 bootstrap.alpha=0.05 title=TEXT "
-        "compare=[MODEL_A, MODEL_B] (opens the summary with one sentence on A against B) p_better=0.95",
+        "compare=[MODEL_A, MODEL_B] (opens the summary with one sentence on A against B) p_better=0.95 "
+        "rank_metrics.segmentation=[dice,hd95] rank_metrics.phase=[accuracy,macro_f1] "
+        "rank_metrics.classification=[auroc] (the metrics pooled into the rank figure)",
     ),
 )
 

@@ -24,11 +24,22 @@ class BootstrapConfig(Schema):
     alpha: float = Field(0.05, gt=0, lt=1, description="1 - coverage of the intervals")
 
 
+class RankMetricsConfig(Schema):
+    """The metrics pooled into each task's rank distribution. By default the seeds' own (seed 000: Dice and
+    HD95, accuracy and macro F1; seeds 001/002: AUROC): Jaccard is a monotone function of Dice per image,
+    so ranking on Dice, Jaccard and HD95 counts overlap twice and boundary error once."""
+
+    segmentation: list[str] = Field(default_factory=lambda: ["dice", "hd95"], min_length=1)
+    phase: list[str] = Field(default_factory=lambda: ["accuracy", "macro_f1"], min_length=1)
+    classification: list[str] = Field(default_factory=lambda: ["auroc"], min_length=1)
+
+
 class ReportConfig(Schema):
     runs: str = ""
     out: str | None = None  # default RUNS/report
     title: str = "meddino report"
     bootstrap: BootstrapConfig = BootstrapConfig()
+    rank_metrics: RankMetricsConfig = RankMetricsConfig()
     # two model names (A, B): the summary opens with one sentence on A against B (e.g. continued vs its start)
     compare: tuple[str, str] | None = None
     p_better: float = Field(0.95, gt=0.5, lt=1)  # P(A better) that counts as a clear gain in that sentence
@@ -63,4 +74,4 @@ class Report:
     headline: str | None = None  # the compare= sentence
 
 
-__all__ = ["UNIT_KIND", "BootstrapConfig", "GroupBootstrap", "Report", "ReportConfig"]
+__all__ = ["UNIT_KIND", "BootstrapConfig", "GroupBootstrap", "RankMetricsConfig", "Report", "ReportConfig"]

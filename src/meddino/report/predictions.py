@@ -18,7 +18,7 @@ import numpy as np
 
 from meddino.metrics.classification import aggregate_by_patient, classification_metrics
 from meddino.metrics.phase import video_metrics
-from meddino.metrics.segmentation import aggregate_seg
+from meddino.metrics.segmentation import DEFAULT_METRIC_POLICY, aggregate_seg, metric_policy
 from meddino.report.collect import EvalRun
 
 
@@ -91,7 +91,8 @@ class ClassificationRows:
 
 
 def load_segmentation(run: EvalRun) -> UnitValues:
-    """``predictions/per_image_class.csv`` -> per-patient Dice / Jaccard / HD95 (seed 000 aggregation)."""
+    """``predictions/per_image_class.csv`` -> per-patient Dice / Jaccard / HD95 (seed 000 aggregation), under
+    the run's metric policy (``seed000`` pools the ``tp``/``fp``/``fn`` columns per patient and class)."""
     path = run.path / "predictions" / "per_image_class.csv"
     if not path.is_file():
         raise ValueError("predictions/per_image_class.csv missing")
@@ -104,9 +105,13 @@ def load_segmentation(run: EvalRun) -> UnitValues:
     metrics = [m for m in ("dice", "jaccard", "hd95") if m in raw[0]]
     if not metrics:
         raise ValueError("per_image_class.csv has none of the columns dice, jaccard, hd95")
+    policy = run.metric_policy or DEFAULT_METRIC_POLICY
+    counts = [c for c in ("tp", "fp", "fn") if c in raw[0]]
+    if metric_policy(policy).overlap == "pooled" and len(counts) < 3 and {"dice", "jaccard"} & set(metrics):
+        raise ValueError(f"per_image_class.csv lacks the tp, fp, fn columns that metric policy {policy} pools")
     rows = [{"image": r["image"], "patient": r["patient"], "class": r["class"],
-             **{m: _float(r[m]) for m in metrics}} for r in raw]
-    agg = aggregate_seg(rows, by=("patient",), metrics=metrics)
+             **{m: _float(r[m]) for m in metrics}, **{c: _float(r[c]) for c in counts}} for r in raw]
+    agg = aggregate_seg(rows, by=("patient",), metrics=metrics, policy=policy)
     return UnitValues({m: {str(k): float(v) for k, v in agg[m]["values"].items()} for m in metrics})
 
 
