@@ -544,6 +544,7 @@ def test_runs_of_different_metric_policies_are_not_ranked_together(tmp_path, cap
     shutil.rmtree(root / "eomt_seed")
     assert main(["report", str(root), "bootstrap.samples=5"]) == 0
     capsys.readouterr()
+    assert "segmentation metrics computed under metric policy monai" in (root / "report" / "report.html").read_text()
 
 
 def test_rank_metrics_are_configurable_and_a_typo_is_one_line(tmp_path, capsys):

@@ -142,15 +142,17 @@ def _select_entries(rep: Report) -> None:
         rep.entries[key] = r
 
 
-def check_metric_policies(runs: list[EvalRun]) -> None:
-    """Refuse (one line naming two runs and their policies) segmentation runs scored under different
-    metric policies: the tables, bootstrap and ranks would compare numbers of different definitions."""
+def check_metric_policies(runs: list[EvalRun]) -> str | None:
+    """The one metric policy of the segmentation runs (None without any); refuses (one line naming two runs
+    and their policies) runs scored under different ones: the tables, bootstrap and ranks would compare
+    numbers of different definitions."""
     seg = sorted((r for r in runs if r.task == "segmentation"), key=lambda r: str(r.path))
     for r in seg[1:]:
         if r.metric_policy != seg[0].metric_policy:
             raise DataError(f"cannot rank segmentation runs scored under different metric policies: {seg[0].path} "
                             f"(metric_policy {seg[0].metric_policy}) and {r.path} (metric_policy "
                             f"{r.metric_policy}); rerun one with metrics.policy=... or report them separately")
+    return seg[0].metric_policy if seg else None
 
 
 def check_rank_metrics(cfg: ReportConfig, runs: list[EvalRun]) -> None:
@@ -373,7 +375,9 @@ def make_report(cfg: ReportConfig) -> Report:
                         f"metrics.jsonl){extra}")
     rep = Report(cfg, col)
     _select_entries(rep)
-    check_metric_policies(list(rep.entries.values()))
+    policy = check_metric_policies(list(rep.entries.values()))
+    if policy is not None:
+        rep.notes.append(f"segmentation metrics computed under metric policy {policy} (docs/metrics.md)")
     check_rank_metrics(cfg, list(rep.entries.values()))
     _summary_tables(rep)
     _bootstrap(rep)
