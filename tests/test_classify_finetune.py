@@ -1,7 +1,10 @@
-"""Trainable protocols: LoRA and BitFit really train (and only) their parameters, layer-wise lr decay, the
-schedule, and the best-validation weights kept as a real copy."""
+"""Trainable protocols: LoRA and BitFit really train (and only) their parameters on every DINO version (LoRA on
+DINOv3's Eva attention included), the gradient check that stops a run whose trainable tensors get no gradient,
+layer-wise lr decay, the schedule, and the best-validation weights kept as a real copy."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -15,10 +18,13 @@ from meddino.tasks.classify.embed import ImageDataset
 from meddino.tasks.classify.finetune import Classifier, configure, layer_id, lr_factor, param_groups
 
 
-def _model(mode: str, **kw) -> tuple[Classifier, FinetuneConfig]:
+ARCHS = ("dinov1_tiny", "dinov2_tiny", "dinov3_tiny")  # timm VisionTransformer (v1, v2) and Eva (v3)
+
+
+def _model(mode: str, arch: str = "dinov2_tiny", **kw) -> tuple[Classifier, FinetuneConfig]:
     torch.manual_seed(0)
     fc = FinetuneConfig(mode=mode, lora_r=4, lora_alpha=8, **kw)
-    model = Classifier(build_backbone("dinov2_tiny"), 3)
+    model = Classifier(build_backbone(arch), 3)
     configure(model, mode, fc)
     return model, fc
 
@@ -62,6 +68,114 @@ def test_lora_adapters_train_and_nothing_else():
     _check_only(model, before, lora | {"head.weight", "head.bias"})
     with torch.no_grad():
         assert not torch.allclose(model.backbone(x), out0)  # the adapters change the features
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_with_b_zero_computes_the_base_model(arch):
+    """The adapters (and, on DINOv3, routing qkv through its module) leave the forward unchanged at init."""
+    torch.manual_seed(0)
+    base = Classifier(build_backbone(arch), 3).eval()
+    model = copy.deepcopy(base)  # the same backbone and head weights
+    configure(model, "lora", FinetuneConfig(mode="lora", lora_r=4, lora_alpha=8))
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert all(not p.any() for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-6)
+
+
+def test_lora_qkv_adapters_get_gradients_on_dinov3():
+    """timm's Eva attention reads qkv.weight with F.linear; without the fix the qkv adapters got no gradient."""
+    model, _ = _model("lora", "dinov3_tiny")
+    attns = [b.attn for b in model.backbone.vit.blocks]
+    assert all(a.q_bias is not None and a.qkv_bias_separate for a in attns)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _steps(model, 2)
+    qkv = [n for n, _ in model.named_parameters() if ".attn.qkv.lora_" in n]
+    assert len(qkv) == 4 * 2  # A and B in each of the 4 blocks
+    lora = {n for n, _ in model.named_parameters() if "lora_" in n}
+    _check_only(model, before, lora | {"head.weight", "head.bias"})  # qkv A/B: non-zero gradient and moved
+
+
+def _images(root, n: int = 8) -> tuple[ImageDataset, torch.Tensor]:
+    paths = []
+    for i in range(n):
+        paths.append(root / f"{i}.png")
+        Image.fromarray(np.full((32, 32, 3), 40 + 25 * i, dtype=np.uint8)).save(paths[-1])
+    return ImageDataset(paths, 32, (0.5,) * 3, (0.25,) * 3), torch.tensor([i % 3 for i in range(n)])
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "bitfit"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_mode_passes_the_gradient_check_and_trains_every_trainable_tensor(tmp_path, arch, mode):
+    model, fc = _model(mode, arch, epochs=1, schedule="constant", hflip=0.0)
+    ds, y = _images(tmp_path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    info = ft.train_model(model, ds, y, ds, y, "multiclass", fc, 1e-3, 4, torch.device("cpu"), seed=0)
+    n = len(before)
+    check = info["gradient_check"]
+    assert check["trainable_tensors"] == check["tensors_with_grad"] == n
+    if mode == "lora":  # every A waits for its B to leave zero: it gets its gradient after the first step
+        assert check["with_grad_first_backward"] == n - sum("lora_A" in k for k in before)
+    else:
+        assert check["with_grad_first_backward"] == n
+    assert not model.backbone.mask_token.requires_grad  # no mode can give it a gradient: frozen
+    for name, p in model.named_parameters():
+        if name in before:
+            assert not torch.equal(p.detach(), before[name]), f"{arch} {mode}: {name} did not train"
+
+
+def test_gradient_check_passes_a_branch_that_drop_path_dropped_for_the_whole_batch(tmp_path):
+    """Stochastic depth may drop a residual branch for every sample of a batch: no gradient in that backward,
+    which the eval-mode re-check after the step tells apart from a tensor that never reaches the loss."""
+    torch.manual_seed(0)
+    model = Classifier(build_backbone("dinov1_tiny", drop_path_rate=0.9), 3)
+    configure(model, "full", FinetuneConfig(mode="full"))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    x, y = torch.randn(1, 3, 32, 32), torch.tensor([1])
+    model.train()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    check = ft.check_gradients(model, named, x, y, "multiclass", torch.device("cpu"), "full")
+    assert check["with_grad_first_backward"] < check["tensors_with_grad"] == check["trainable_tensors"] == len(named)
+    assert model.training
+
+
+def _refused_finetune(tmp_path, capsys, backbone: str) -> str:
+    from test_classify_cli import make_dataset
+
+    from meddino.cli import main
+
+    manifest = make_dataset(tmp_path / "data")
+    code = main(["eval", "finetune", "--config", "finetune_tiny", f"data.manifest={manifest}",
+                 f"backbone={backbone}", f"out={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("meddino: error: eval finetune (mode=lora): "), lines[0]
+    return lines[0]
+
+
+def test_gradient_check_stops_a_run_whose_trainable_tensor_gets_no_gradient(tmp_path, capsys, monkeypatch):
+    build = ft.build_model
+
+    def with_an_unused_tensor(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.head.unused = torch.nn.Parameter(torch.ones(3, device=model.head.weight.device))  # never in forward
+        return model
+
+    monkeypatch.setattr(ft, "build_model", with_an_unused_tensor)
+    line = _refused_finetune(tmp_path, capsys, "random:dinov2_tiny")
+    assert "1 of " in line and "received no gradient in the first step" in line
+    assert line.endswith(": head.unused")
+
+
+def test_gradient_check_catches_the_dinov3_qkv_adapters_without_the_fix(tmp_path, capsys, monkeypatch):
+    """The bug itself: undo the qkv routing and the check names the qkv adapters (and counts the rest)."""
+    monkeypatch.setattr(ft, "route_qkv_through_module", lambda target: 0)
+    line = _refused_finetune(tmp_path, capsys, "random:dinov3_tiny")
+    assert "8 of 26 trainable tensors received no gradient in the first step" in line
+    assert "backbone.vit.blocks.0.attn.qkv.lora_A.default.weight" in line and "and 4 more" in line
+    assert ".mlp." not in line
 
 
 def test_bitfit_trains_only_biases():
@@ -162,6 +276,9 @@ def test_seed002_style_cv_sweep(tmp_path):
     assert [u["name"] for u in res["units"]] == ["fold0", "fold1", "fold2"]
     assert len(res["metrics"]["auroc"]["values"]) == 3 and res["problem"] == "binary"
     assert len(res["sweep"]) == 2
+    assert res["trainable_params"] == res["hyperparameters"]["trainable_params"] > 0
+    assert res["tensors_with_grad"] == res["trainable_tensors"] > 0
+    assert all(u["gradient_check"]["tensors_with_grad"] == res["trainable_tensors"] for u in res["units"])
     best = min(res["sweep"], key=lambda s: s["mean_val_loss"])
     assert res["hyperparameters"]["lr"] == best["lr"]
     with open(tmp_path / "run/predictions/finetune.csv", newline="") as fh:

@@ -34,6 +34,14 @@ class TrainingDiverged(UserError):
     """
 
 
+class NoGradient(UserError):
+    """A trainable tensor received no gradient in the first fine-tuning step, so it would never train.
+
+    Raised by the gradient check of ``eval finetune`` (every mode: full, LoRA, BitFit); the one-line message
+    names the tensors (a few names and the count) and the CLI exits with code 2.
+    """
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (or its type name), for one-line error reports."""
     text = str(exc).strip()

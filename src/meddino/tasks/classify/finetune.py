@@ -1,12 +1,26 @@
 """Trainable protocols: full fine-tuning (layer-wise lr decay), LoRA (peft) and BitFit, with a lr x batch sweep.
 
-- ``full``: every parameter trains; AdamW with layer-wise lr decay (lr x ``layer_decay`` ^ (depth + 1 - layer),
-  layer 0 = patch embedding and prefix tokens, block i = layer i + 1, final norm and head = depth + 1), as in
-  BEiT/DINOv2 fine-tuning. CNN baselines have no block index: all their layers get the base lr.
+- ``full``: every parameter trains except the backbone's mask token (it only replaces masked patches in the
+  masked-image SSL objectives, so classification gives it no gradient: it is frozen); AdamW with layer-wise lr
+  decay (lr x ``layer_decay`` ^ (depth + 1 - layer), layer 0 = patch embedding and prefix tokens, block i =
+  layer i + 1, final norm and head = depth + 1), as in BEiT/DINOv2 fine-tuning. CNN baselines have no block
+  index: all their layers get the base lr.
 - ``lora``: peft LoRA adapters (``LoraConfig(r, lora_alpha, target_modules)``; seed 001: r 48, alpha 16 on
   ``qkv``, ``fc1``, ``fc2``) injected into the backbone's timm module (``backbone.vit``, or ``backbone.model``
-  for a CNN); only the adapters and the head train.
+  for a CNN); only the adapters and the head train. DINOv3 (timm's ``Eva``) needs one more step, see
+  :func:`route_qkv_through_module`: its attention otherwise bypasses the ``qkv`` adapters.
 - ``bitfit``: only the bias terms of the backbone and the head train (Ben Zaken et al. 2022).
+
+The gradient check (every mode, :func:`check_gradients`): after the first optimiser step every trainable
+tensor must have received a non-zero gradient, or the run stops with :class:`~meddino.errors.NoGradient`
+(one line naming the tensors, exit code 2) instead of reporting a mode whose tensors never train. Two
+tensors legitimately get a zero gradient in the first backward, and only there: LoRA's ``A`` matrices (their
+``B`` starts at zero, so dL/dA = 0 until the first step has moved ``B``), and the weights of a residual
+branch that stochastic depth happened to drop for the whole batch. So a tensor without a gradient in the
+first backward is checked again, right after the first step, by one forward/backward of the same batch in
+eval mode (no drop path, no dropout; ``torch.autograd.grad``, so the optimiser's gradients, the random
+state and the batch-norm statistics are untouched). A tensor that has no gradient there either does not
+reach the loss, and the run stops.
 
 Seed 002's protocol is the ``seed002_binary_cv`` recipe: head Linear -> ReLU -> Linear on the CLS token, BCE,
 5-fold CV with the manifest's fixed folds, the lowest-validation-loss weights kept as a real copy (a cloned
@@ -31,7 +45,7 @@ from torch import nn
 
 from meddino.data.manifest import Manifest
 from meddino.devices import autocast, pick_device
-from meddino.errors import ConfigError, DataError
+from meddino.errors import ConfigError, DataError, NoGradient
 from meddino.runlog import Progress, RunDir
 from meddino.tasks.classify.common import load_backbone, load_manifest, model_name
 from meddino.tasks.classify.embed import ImageDataset, check_img_size
@@ -95,8 +109,31 @@ def apply_lora(model: Classifier, r: int, alpha: float, targets: list[str], drop
         inject_adapter_in_model(config, target)
     except ValueError as exc:
         raise ConfigError(f"finetune.lora_targets={targets}: {str(exc).splitlines()[0][:200]}") from None
+    route_qkv_through_module(target)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith("head."))
+
+
+def route_qkv_through_module(target: nn.Module) -> int:
+    """Make every timm ``Eva`` attention (DINOv3) whose ``qkv`` holds a LoRA adapter call that module.
+
+    With a qkv bias (the DINOv3 ``_qkvb`` models), timm's ``EvaAttention.forward`` computes
+    ``F.linear(x, self.qkv.weight, cat(q_bias, k_bias, v_bias))``: it reads the weight and never calls
+    ``self.qkv``, so peft's wrapper around ``qkv`` -- the adapter -- is skipped: its A and B get no gradient
+    and change nothing. timm's own ``qkv_bias_separate`` option computes ``self.qkv(x) + bias`` instead: the
+    same function (the bias is added after the matmul instead of inside it, equal up to float rounding) that
+    goes through the module call, hence through the adapter. This sets it on those attentions (ViTs of v1/v2
+    and Eva without a qkv bias already call ``self.qkv``) and returns how many it changed; with ``B`` = 0 at
+    init the model computes what it did before the adapters.
+    """
+    changed = 0
+    for module in target.modules():
+        qkv = getattr(module, "qkv", None)
+        if (hasattr(module, "qkv_bias_separate") and getattr(module, "q_bias", None) is not None
+                and hasattr(qkv, "lora_A") and not module.qkv_bias_separate):
+            module.qkv_bias_separate = True
+            changed += 1
+    return changed
 
 
 def apply_bitfit(model: Classifier) -> None:
@@ -156,6 +193,40 @@ def param_groups(model: Classifier, lr: float, weight_decay: float, layer_decay:
     return list(groups.values())
 
 
+def _without_grad(named: list[tuple[str, torch.Tensor]], grads: list[torch.Tensor | None]) -> list[str]:
+    return [name for (name, _), g in zip(named, grads, strict=True) if g is None or not bool(g.ne(0).any())]
+
+
+def check_gradients(model: nn.Module, named: list[tuple[str, torch.Tensor]], x: torch.Tensor, y: torch.Tensor,
+                    task: str, device: torch.device, mode: str) -> dict[str, int]:
+    """The gradient check (module docstring), called after the first backward and optimiser step with that
+    step's batch: the trainable ``named`` tensors whose ``.grad`` is None or zero are re-checked by one
+    eval-mode forward/backward of the same batch; any still without a gradient -> :class:`NoGradient`.
+
+    Returns ``{"trainable_tensors", "tensors_with_grad", "with_grad_first_backward"}``, the last = tensors
+    with a non-zero gradient in the first backward itself, before the re-check."""
+    first = set(_without_grad(named, [p.grad for _, p in named]))
+    missed = [(n, p) for n, p in named if n in first]
+    still: list[str] = []
+    if missed:
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast(device):
+                logits = model(x)
+            loss = loss_fn(logits, y, task)
+            grads = torch.autograd.grad(loss, [p for _, p in missed], allow_unused=True)
+        finally:
+            model.train(was_training)
+        still = _without_grad(missed, list(grads))
+    if still:
+        shown = ", ".join(still[:4]) + (f" and {len(still) - 4} more" if len(still) > 4 else "")
+        raise NoGradient(f"eval finetune (mode={mode}): {len(still)} of {len(named)} trainable tensors received "
+                         f"no gradient in the first step, so they would never train: {shown}")
+    return {"trainable_tensors": len(named), "tensors_with_grad": len(named) - len(still),
+            "with_grad_first_backward": len(named) - len(missed)}
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Linear warm-up then cosine decay to 0 (or constant)."""
     if warmup > 0 and step < warmup:
@@ -192,7 +263,9 @@ def predict(model: nn.Module, loader: torch.utils.data.DataLoader, targets: torc
 def train_model(model: Classifier, train_ds: ImageDataset, y_train: torch.Tensor, val_ds: ImageDataset,
                 y_val: torch.Tensor, task: str, fc: Any, lr: float, batch_size: int, device: torch.device,
                 seed: int, log: Any = None) -> dict[str, Any]:
-    """Train, validate every epoch, keep the lowest-val-loss weights as a real copy and load them at the end."""
+    """Train, validate every epoch, keep the lowest-val-loss weights as a real copy and load them at the end.
+
+    After the first step, :func:`check_gradients` stops the run if a trainable tensor got no gradient."""
     model.to(device)
     groups = param_groups(model, lr, fc.weight_decay, fc.layer_decay if fc.mode == "full" else 1.0,
                           fc.head_lr_scale)
@@ -204,7 +277,9 @@ def train_model(model: Classifier, train_ds: ImageDataset, y_train: torch.Tensor
     steps_per_epoch = len(train_loader)
     total = fc.epochs * steps_per_epoch
     warmup = int(round(fc.warmup_epochs * steps_per_epoch))
-    trainable = [p for g in groups for p in g["params"]]
+    named = [(n, p) for g in groups for n, p in zip(g["names"], g["params"], strict=True)]
+    trainable = [p for _, p in named]
+    grad_check: dict[str, int] = {}
     # lowest val loss, strictly lower than the best so far (a tie keeps the earlier epoch); the copy stays on
     # the training device as before; patience None = no early stopping
     best = BestSnapshot("min", start=math.inf, cpu=False)
@@ -220,9 +295,10 @@ def train_model(model: Classifier, train_ds: ImageDataset, y_train: torch.Tensor
                 factor = lr_factor(step, total, warmup, fc.schedule)
                 for g in opt.param_groups:
                     g["lr"] = lr * g["lr_scale"] * factor
+                xb, yb = x.to(device, non_blocking=True), y_train[idx].to(device)
                 with autocast(device):
-                    logits = model(x.to(device, non_blocking=True))
-                loss = loss_fn(logits, y_train[idx].to(device), task)
+                    logits = model(xb)
+                loss = loss_fn(logits, yb, task)
                 value = check_finite(loss, "eval finetune", lr=f"{lr:g}", batch_size=batch_size, epoch=epoch,
                                      step=step)
                 opt.zero_grad(set_to_none=True)
@@ -230,6 +306,8 @@ def train_model(model: Classifier, train_ds: ImageDataset, y_train: torch.Tensor
                 if fc.grad_clip:
                     torch.nn.utils.clip_grad_norm_(trainable, fc.grad_clip)
                 opt.step()
+                if step == 0:
+                    grad_check = check_gradients(model, named, xb, yb, task, device, fc.mode)
                 running += value * x.shape[0]
                 seen += x.shape[0]
                 step += 1
@@ -242,7 +320,7 @@ def train_model(model: Classifier, train_ds: ImageDataset, y_train: torch.Tensor
                 break
     best.restore(model)
     return {"best_val_loss": best.value, "best_epoch": best.epoch if best.epoch is not None else -1,
-            "history": history}
+            "history": history, "gradient_check": grad_check}
 
 
 def build_model(cfg: Any, m: Manifest, device: torch.device) -> Classifier:
@@ -269,7 +347,7 @@ def run_finetune(cfg: Any, manifest: Manifest | None = None) -> int:
     device = pick_device(cfg.device)
     model_display = model_name(cfg)
     targets = head_targets(m.labels, m.task)
-    mean, std, n_trainable, n_total = _probe(cfg, m)
+    mean, std, n_trainable, n_total, n_tensors = _probe(cfg, m)
     log_for = _step_logger(run)
     configs = [_sweep_config(cfg, m, units, targets, c, lr, bs, (mean, std), device, log_for, model_display)
                for c, (lr, bs) in enumerate(_sweep(fc))]
@@ -278,20 +356,22 @@ def run_finetune(cfg: Any, manifest: Manifest | None = None) -> int:
     else:
         best = max(range(len(configs)), key=lambda i: np.nan_to_num(configs[i]["mean_val_auroc"], nan=-1.0))
     chosen = configs[best]
-    _write_outputs(cfg, m, out, configs, chosen, n_trainable, n_total, model_display)
+    _write_outputs(cfg, m, out, configs, chosen, (n_trainable, n_total, n_tensors), model_display)
     run.close()
     print_summary(f"finetune-{fc.mode}", out, chosen["summary"], cfg.level,
                   f"lr={chosen['lr']:g} bs={chosen['batch_size']}, {n_trainable} trainable params")
     return 0
 
 
-def _probe(cfg: Any, m: Manifest) -> tuple[tuple[float, ...], tuple[float, ...], int, int]:
-    """The backbone's normalisation and the trainable / total parameter counts, from a model built on CPU."""
+def _probe(cfg: Any, m: Manifest) -> tuple[tuple[float, ...], tuple[float, ...], int, int, int]:
+    """The backbone's normalisation, the trainable / total parameter counts and the number of trainable
+    tensors, from a model built on CPU."""
     probe = build_model(cfg, m, torch.device("cpu"))
     mean, std = tuple(probe.backbone.mean), tuple(probe.backbone.std)
     n_trainable = sum(p.numel() for p in probe.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in probe.parameters())
-    return mean, std, n_trainable, n_total
+    n_tensors = sum(1 for p in probe.parameters() if p.requires_grad)
+    return mean, std, n_trainable, n_total, n_tensors
 
 
 def _step_logger(run: RunDir) -> Callable[..., Callable[..., None]]:
@@ -325,7 +405,8 @@ def _sweep_config(cfg: Any, m: Manifest, units: list[Any], targets: torch.Tensor
         records.append({"name": unit.name, "n_train": int(unit.train.size), "n_val": int(unit.val.size),
                         "n_test": int(unit.test.size), "best_epoch": info["best_epoch"],
                         "best_val_loss": info["best_val_loss"], "val_auroc": val_auroc,
-                        "history": info["history"], "metrics_image": metrics["image"],
+                        "history": info["history"], "gradient_check": info["gradient_check"],
+                        "metrics_image": metrics["image"],
                         "metrics_patient": metrics["patient"]})
     return {"lr": lr, "batch_size": bs, "mean_val_loss": float(np.mean(val_losses)),
             "mean_val_auroc": float(np.nanmean(val_aurocs)) if np.isfinite(val_aurocs).any() else
@@ -358,9 +439,15 @@ def _fit_unit(cfg: Any, m: Manifest, unit: Any, seed: int, targets: torch.Tensor
 
 
 def _write_outputs(cfg: Any, m: Manifest, out: Path, configs: list[dict[str, Any]], chosen: dict[str, Any],
-                   n_trainable: int, n_total: int, model_display: str) -> None:
-    """The chosen configuration's predictions and results.json, and every configuration's under ``sweep/``."""
+                   counts: tuple[int, int, int], model_display: str) -> None:
+    """The chosen configuration's predictions and results.json, and every configuration's under ``sweep/``.
+
+    ``counts`` = (trainable parameters, total parameters, trainable tensors); ``tensors_with_grad`` is the
+    fewest over every configuration and unit trained (the gradient check passed, so it equals
+    ``trainable_tensors``)."""
     fc = cfg.finetune
+    n_trainable, n_total, n_tensors = counts
+    with_grad = min(u["gradient_check"]["tensors_with_grad"] for c in configs for u in c["units"])
     write_predictions(out / "predictions/finetune.csv", chosen["rows"])
     sweep = []
     for c in configs:
@@ -379,19 +466,22 @@ def _write_outputs(cfg: Any, m: Manifest, out: Path, configs: list[dict[str, Any
     write_results(out, threshold=cfg.threshold, protocol="finetune", model=model_display, backbone=cfg.backbone, m=m, level=cfg.level,
                   summary=chosen["summary"], units=chosen["units"], hyperparameters=hp,
                   predictions={"finetune": "predictions/finetune.csv"}, primary=f"lr={chosen['lr']:g},bs={chosen['batch_size']}",
-                  extra={"mode": fc.mode, "sweep": sweep})
+                  extra={"mode": fc.mode, "trainable_params": n_trainable, "trainable_tensors": n_tensors,
+                         "tensors_with_grad": with_grad, "sweep": sweep})
 
 
 __all__ = [
     "Classifier",
     "apply_bitfit",
     "apply_lora",
+    "check_gradients",
     "configure",
     "layer_id",
     "loss_fn",
     "lr_factor",
     "param_groups",
     "predict",
+    "route_qkv_through_module",
     "run_finetune",
     "train_model",
 ]
