@@ -286,3 +286,35 @@ def test_seed002_style_cv_sweep(tmp_path):
     assert sorted(r["image"] for r in preds) == sorted(r["image"] for r in rows)  # each sample tested once
     for r in preds:
         assert r["unit"] == f"fold{r['fold']}"
+
+
+def _swiglu_v3() -> Classifier:
+    """A tiny DINOv3 "plus" backbone: timm Eva with a SwiGLU MLP (fc1_g, fc1_x, fc2)."""
+    from meddino.models.factory import build_from_timm
+
+    torch.manual_seed(0)
+    kwargs = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=32)
+    return Classifier(build_from_timm("vit_small_plus_patch16_dinov3_qkvb", "v3", kwargs), 3)
+
+
+def test_lora_fc1_on_a_swiglu_mlp_adapts_both_of_its_first_layers():
+    model = _swiglu_v3()
+    names = {n for n, _ in model.named_modules()}
+    assert any(n.endswith("mlp.fc1_g") for n in names) and not any(n.endswith("mlp.fc1") for n in names)
+    configure(model, "lora", FinetuneConfig(mode="lora", lora_r=4, lora_alpha=8))  # the seed's [qkv, fc1, fc2]
+    assert model.lora_modules == ["qkv", "fc1_g", "fc1_x", "fc2"]
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == {"qkv", "fc1_g", "fc1_x", "fc2"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _steps(model, 2)
+    lora = {n for n, _ in model.named_parameters() if "lora_" in n}
+    _check_only(model, before, lora | {"head.weight", "head.bias"})
+
+
+def test_a_lora_target_that_matches_no_layer_is_one_config_error():
+    from meddino.errors import ConfigError
+
+    model = Classifier(build_backbone("dinov2_tiny"), 3)
+    with pytest.raises(ConfigError, match=r"finetune.lora_targets: 'proj_out' matches no Linear layer of the "
+                                          r"backbone \(its Linear layers end in: fc1, fc2, proj, qkv\)"):
+        configure(model, "lora", FinetuneConfig(mode="lora", lora_targets=["qkv", "proj_out"]))

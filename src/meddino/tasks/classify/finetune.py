@@ -99,12 +99,41 @@ def _timm_module(backbone: nn.Module) -> nn.Module:
     return backbone
 
 
-def apply_lora(model: Classifier, r: int, alpha: float, targets: list[str], dropout: float = 0.0) -> None:
-    """Inject LoRA adapters into the backbone's timm module; freeze everything but adapters and head."""
+# a SwiGLU MLP (the DINOv3 "plus" / 7B models in timm) splits the first MLP layer into a gate and a value
+SWIGLU_FC1 = ("fc1_g", "fc1_x")
+
+
+def lora_modules(module: nn.Module, targets: list[str]) -> list[str]:
+    """The module names LoRA adapts for ``targets`` (peft's rule: a Linear whose name ends with the target).
+
+    ``fc1`` on a SwiGLU MLP, which has no ``fc1`` but ``fc1_g`` and ``fc1_x``, means those two: the seed's
+    ``[qkv, fc1, fc2]`` would otherwise adapt only qkv and fc2 of those models, without a word. A target that
+    matches no Linear layer is a :class:`ConfigError` naming the layers there are (peft only refuses a list
+    that matches nothing at all).
+    """
+    linear = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    ends = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    resolved: list[str] = []
+    for t in targets:
+        names = [t]
+        if t == "fc1" and "fc1" not in ends and all(g in ends for g in SWIGLU_FC1):
+            names = list(SWIGLU_FC1)
+        for name in names:
+            if not any(n == name or n.endswith("." + name) for n in linear):
+                raise ConfigError(f"finetune.lora_targets: '{t}' matches no Linear layer of the backbone "
+                                  f"(its Linear layers end in: {', '.join(ends)})")
+        resolved += [n for n in names if n not in resolved]
+    return resolved
+
+
+def apply_lora(model: Classifier, r: int, alpha: float, targets: list[str], dropout: float = 0.0) -> list[str]:
+    """Inject LoRA adapters into the backbone's timm module; freeze everything but adapters and head.
+    Returns the target names used (:func:`lora_modules`)."""
     from peft import LoraConfig, inject_adapter_in_model  # heavy (pulls in transformers); only LoRA needs it
 
     target = _timm_module(model.backbone)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    targets = lora_modules(target, list(targets))
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     try:
         inject_adapter_in_model(config, target)
     except ValueError as exc:
@@ -112,6 +141,7 @@ def apply_lora(model: Classifier, r: int, alpha: float, targets: list[str], drop
     route_qkv_through_module(target)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith("head."))
+    return targets
 
 
 def route_qkv_through_module(target: nn.Module) -> int:
@@ -149,7 +179,7 @@ def configure(model: Classifier, mode: str, fc: Any) -> None:
         if hasattr(model.backbone, "mask_token"):  # only used by masked-image SSL objectives
             model.backbone.mask_token.requires_grad_(False)
     elif mode == "lora":
-        apply_lora(model, fc.lora_r, fc.lora_alpha, fc.lora_targets, fc.lora_dropout)
+        model.lora_modules = apply_lora(model, fc.lora_r, fc.lora_alpha, fc.lora_targets, fc.lora_dropout)
     elif mode == "bitfit":
         apply_bitfit(model)
     else:
@@ -347,7 +377,7 @@ def run_finetune(cfg: Any, manifest: Manifest | None = None) -> int:
     device = pick_device(cfg.device)
     model_display = model_name(cfg)
     targets = head_targets(m.labels, m.task)
-    mean, std, n_trainable, n_total, n_tensors = _probe(cfg, m)
+    mean, std, n_trainable, n_total, n_tensors, adapted = _probe(cfg, m)
     log_for = _step_logger(run)
     configs = [_sweep_config(cfg, m, units, targets, c, lr, bs, (mean, std), device, log_for, model_display)
                for c, (lr, bs) in enumerate(_sweep(fc))]
@@ -356,22 +386,22 @@ def run_finetune(cfg: Any, manifest: Manifest | None = None) -> int:
     else:
         best = max(range(len(configs)), key=lambda i: np.nan_to_num(configs[i]["mean_val_auroc"], nan=-1.0))
     chosen = configs[best]
-    _write_outputs(cfg, m, out, configs, chosen, (n_trainable, n_total, n_tensors), model_display)
+    _write_outputs(cfg, m, out, configs, chosen, (n_trainable, n_total, n_tensors), model_display, adapted)
     run.close()
     print_summary(f"finetune-{fc.mode}", out, chosen["summary"], cfg.level,
                   f"lr={chosen['lr']:g} bs={chosen['batch_size']}, {n_trainable} trainable params")
     return 0
 
 
-def _probe(cfg: Any, m: Manifest) -> tuple[tuple[float, ...], tuple[float, ...], int, int, int]:
-    """The backbone's normalisation, the trainable / total parameter counts and the number of trainable
-    tensors, from a model built on CPU."""
+def _probe(cfg: Any, m: Manifest) -> tuple[tuple[float, ...], tuple[float, ...], int, int, int, list[str] | None]:
+    """The backbone's normalisation, the trainable / total parameter counts, the number of trainable
+    tensors and the LoRA target names used (None without LoRA), from a model built on CPU."""
     probe = build_model(cfg, m, torch.device("cpu"))
     mean, std = tuple(probe.backbone.mean), tuple(probe.backbone.std)
     n_trainable = sum(p.numel() for p in probe.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in probe.parameters())
     n_tensors = sum(1 for p in probe.parameters() if p.requires_grad)
-    return mean, std, n_trainable, n_total, n_tensors
+    return mean, std, n_trainable, n_total, n_tensors, getattr(probe, "lora_modules", None)
 
 
 def _step_logger(run: RunDir) -> Callable[..., Callable[..., None]]:
@@ -439,7 +469,7 @@ def _fit_unit(cfg: Any, m: Manifest, unit: Any, seed: int, targets: torch.Tensor
 
 
 def _write_outputs(cfg: Any, m: Manifest, out: Path, configs: list[dict[str, Any]], chosen: dict[str, Any],
-                   counts: tuple[int, int, int], model_display: str) -> None:
+                   counts: tuple[int, int, int], model_display: str, lora_modules: list[str] | None = None) -> None:
     """The chosen configuration's predictions and results.json, and every configuration's under ``sweep/``.
 
     ``counts`` = (trainable parameters, total parameters, trainable tensors); ``tensors_with_grad`` is the
@@ -462,7 +492,8 @@ def _write_outputs(cfg: Any, m: Manifest, out: Path, configs: list[dict[str, Any
     if fc.mode == "full":
         hp["layer_decay"] = fc.layer_decay
     if fc.mode == "lora":
-        hp.update(lora_r=fc.lora_r, lora_alpha=fc.lora_alpha, lora_targets=fc.lora_targets)
+        hp.update(lora_r=fc.lora_r, lora_alpha=fc.lora_alpha, lora_targets=fc.lora_targets,
+                  lora_modules=lora_modules)
     write_results(out, threshold=cfg.threshold, protocol="finetune", model=model_display, backbone=cfg.backbone, m=m, level=cfg.level,
                   summary=chosen["summary"], units=chosen["units"], hyperparameters=hp,
                   predictions={"finetune": "predictions/finetune.csv"}, primary=f"lr={chosen['lr']:g},bs={chosen['batch_size']}",
@@ -478,6 +509,7 @@ __all__ = [
     "configure",
     "layer_id",
     "loss_fn",
+    "lora_modules",
     "lr_factor",
     "param_groups",
     "predict",
