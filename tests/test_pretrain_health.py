@@ -19,14 +19,16 @@ from meddino.pretrain.health import (
     kl_divergence,
     mean_entropy,
     prototype_usage,
+    teacher_information,
 )
 from meddino.runlog import read_metrics
 
 from test_pretrain_engine import config, make_images
 
-HEALTH_KEYS = {"teacher_entropy", "student_entropy", "ln_k", "kl_teacher_student", "prototype_usage",
-               "effective_rank"}
-IBOT_KEYS = {"ibot_teacher_entropy", "ibot_student_entropy", "ibot_kl_teacher_student", "ibot_prototype_usage"}
+HEALTH_KEYS = {"teacher_entropy", "teacher_information", "student_entropy", "ln_k", "kl_teacher_student",
+               "prototype_usage", "effective_rank"}
+IBOT_KEYS = {"ibot_teacher_entropy", "ibot_teacher_information", "ibot_student_entropy", "ibot_kl_teacher_student",
+             "ibot_prototype_usage"}
 
 
 # ---------------------------------------------------------------------------------------------- pure
@@ -38,6 +40,29 @@ def test_entropy_uniform_onehot_and_by_hand():
     want = np.mean(-(p * np.log(p)).sum(1))
     assert mean_entropy(torch.tensor(p)) == pytest.approx(want, rel=1e-6)
     assert mean_entropy(torch.tensor(p).view(2, 1, 3)) == pytest.approx(want, rel=1e-6)  # [T, B, K]
+
+
+def test_teacher_information_by_hand_and_its_two_zeros():
+    k = 64
+    assert teacher_information(torch.full((8, k), 1.0 / k)) == pytest.approx(0.0, abs=1e-6)  # uniform collapse
+    one = torch.nn.functional.one_hot(torch.full((8,), 5), k).float()
+    assert teacher_information(one) == pytest.approx(0.0, abs=1e-6)  # one-prototype collapse
+    spread = torch.nn.functional.one_hot(torch.arange(8), k).float()
+    assert teacher_information(spread) == pytest.approx(math.log(8), abs=1e-5)  # each image its own prototype
+    rng = np.random.default_rng(1)
+    p = _softmax(rng.standard_normal((6, 5)))
+    mean = p.mean(0)
+    by_hand = np.mean([(row * np.log(row / mean)).sum() for row in p])  # mean KL(q_i || mean q)
+    assert teacher_information(torch.tensor(p)) == pytest.approx(by_hand, rel=1e-6)
+    assert teacher_information(torch.tensor(p).view(2, 3, 5)) == pytest.approx(by_hand, rel=1e-6)  # [T, B, K]
+    # DINOv3's plain-Linear start: logits w_k . z_i with w ~ N(0, 0.02^2), distinct unit z: about
+    # (0.02 / t)^2 (1 - c) / 2 nats (the docstring's estimate), with the entropy within 1% of ln K
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4096, 64, generator=g) * 0.02
+    z = torch.nn.functional.normalize(torch.randn(256, 64, generator=g), dim=-1)  # c ~ 0
+    q = torch.softmax(z @ w.T / 0.04, dim=-1)
+    assert teacher_information(q) == pytest.approx(0.5 * (0.02 / 0.04) ** 2, rel=0.15)
+    assert mean_entropy(q) > 0.98 * math.log(4096)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -139,6 +164,21 @@ def test_detector_fires_after_patience_once_and_rearms():
     assert off.update(1, 1.0, 1.0) is None
 
 
+def test_detector_uniform_rule_needs_targets_that_ignore_the_image():
+    """DINOv3's healthy start (entropy ~0.99 ln K, targets still image-dependent) is not uniform collapse."""
+    ln_k = math.log(256)
+    det = CollapseDetector(ln_k, min_rank=None, patience=2, min_information=0.005)
+    high = 0.99 * ln_k
+    assert [det.update(s, high, None, 0.05) for s in (1, 2, 3)] == [None] * 3  # healthy v3 start: quiet
+    assert det.update(4, high, None, 3e-4) is None
+    msg = det.update(5, high, None, 2e-4)  # 2 log steps of image-independent targets
+    assert msg is not None and "uniform collapse" in msg and "0.0002 nats about the image" in msg
+    assert det.update(6, high, None, 0.05) is None  # the information came back: re-armed
+    assert det.update(7, high, None, None) is None and "uniform collapse" in det.update(8, high, None, None)
+    entropy_only = CollapseDetector(ln_k, min_rank=None, patience=1, min_information=0)
+    assert "uniform collapse" in entropy_only.update(1, high, None, 0.05)
+
+
 # ---------------------------------------------------------------------------------------------- engine
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
@@ -216,11 +256,12 @@ def test_report_curves_have_health_panels_and_warning():
     from meddino.report.figures import curve_panels, curves_figure
 
     rows = [{"step": s, "loss": 5.0, "dino": 5.0, "teacher_entropy": 5.5, "student_entropy": 5.0, "ln_k": 5.545,
-             "kl_teacher_student": 0.1, "prototype_usage": 0.01, "effective_rank": 1.1, "lr": 1e-4} for s in (1, 2, 3)]
+             "kl_teacher_student": 0.1, "prototype_usage": 0.01, "effective_rank": 1.1, "lr": 1e-4,
+             "teacher_information": 2e-4} for s in (1, 2, 3)]
     rows[-1]["collapse_warning"] = "step 3: teacher entropy ..."
     names = [name for name, _ in curve_panels(rows)]
-    assert names[:5] == ["losses", "entropy vs ln K", "KL(teacher || student)", "prototype usage",
-                         "effective rank (teacher CLS)"]
+    assert names[:6] == ["losses", "entropy vs ln K", "teacher information about the image (nats)",
+                         "KL(teacher || student)", "prototype usage", "effective rank (teacher CLS)"]
     assert all("ln_k" not in keys for _, keys in curve_panels(rows))
     png = curves_figure(rows, "run")
     assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -237,6 +237,9 @@ class HealthConfig(Schema):
     enabled: bool = True
     # the detector's uniform-collapse condition: teacher entropy >= (1 - tolerance) * ln K
     entropy_tolerance: float = Field(0.02, ge=0, lt=1)
+    # ... and the teacher's targets carry less than this many nats about the image (teacher_information);
+    # 0 = the entropy alone decides, which also fires on DINOv3's healthy start at ~0.99 ln K
+    min_information: float = Field(0.005, ge=0)
     # dimensional collapse: RankMe of the teacher CLS features below this (1 = every image on one direction;
     # the rank is bounded by min(2 * batch, embed_dim), so 1.5 stays meaningful down to batch 1; 0 disables)
     min_effective_rank: float = Field(1.5, ge=0)

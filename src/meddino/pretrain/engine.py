@@ -188,7 +188,8 @@ class Trainer:
             h = cfg.health
             self.health_window = HealthWindow(cfg.method.student_temp)
             self.collapse_detector = CollapseDetector(math.log(cfg.model.head.out_dim), h.entropy_tolerance,
-                                                      h.min_effective_rank or None, h.patience)
+                                                      h.min_effective_rank or None, h.patience,
+                                                      h.min_information)
 
         self.monitor = None
         if cfg.monitor.every and cfg.monitor.manifest and self.env.is_main:

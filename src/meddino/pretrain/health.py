@@ -4,7 +4,11 @@ The official DINO code logs only the losses, and a DINO loss that sits at ln K t
 collapsed but not what. These signals tell the two classic failure modes apart:
 
 - **uniform collapse**: the teacher's (centred, sharpened) distribution over the K prototypes becomes
-  uniform, its entropy reaches ln K and the DINO loss equals ln K whatever the student does;
+  uniform, its entropy reaches ln K and the DINO loss equals ln K whatever the student does. A high
+  entropy alone is not collapse: DINOv3's plain-Linear last layer starts every run with logits of std
+  0.02 / teacher_temp, i.e. an entropy within 1% of ln K, while its targets still differ from image to
+  image. What collapse adds is that the targets no longer depend on the image, which
+  :func:`teacher_information` measures;
 - **dimensional / one-prototype collapse**: every image maps to the same direction; the teacher's
   argmax uses few prototypes and the effective rank of its CLS features approaches 1.
 
@@ -32,6 +36,7 @@ __all__ = [
     "log_health",
     "mean_entropy",
     "prototype_usage",
+    "teacher_information",
 ]
 
 
@@ -72,6 +77,23 @@ def kl_divergence(p_teacher: torch.Tensor, student_logits: torch.Tensor, student
     log_s = F.log_softmax(s / student_temp, dim=-1)
     kl = (q * (torch.log(q.clamp_min(1e-30)) - log_s)).sum(-1)
     return float(kl.mean())
+
+
+def teacher_information(probs: torch.Tensor) -> float:
+    """Mutual information (nats) between the row and the prototype of a batch of distributions ``probs``
+    [..., K]: ``H(mean_i q_i) - mean_i H(q_i)``, the mean KL of each row from the batch mean.
+
+    0 when every image gets the same target, whether that target is uniform or one prototype: the targets
+    tell the student nothing about its image. Up to ln(min(N, K)) when each image has its own sharp
+    target. At DINOv3's init the teacher's logits ``w_k . z_i`` (``w ~ N(0, 0.02^2)``, unit ``z``) vary
+    across images by ``0.02 |z_i - z_j|``, so the information is about ``(0.02 / t)^2 (1 - c) / 2`` for
+    teacher temperature ``t`` and mean cosine ``c`` between the images' bottleneck vectors: a few 1e-2
+    nats when the backbone tells images apart, ~1e-4 when it does not (c ~ 1).
+    """
+    p = probs.detach().float().reshape(-1, probs.shape[-1])
+    if p.shape[0] == 0:
+        return float("nan")
+    return max(mean_entropy(p.mean(0, keepdim=True)) - mean_entropy(p), 0.0)
 
 
 def prototype_usage(argmax_indices: torch.Tensor, k: int) -> float:
@@ -164,6 +186,7 @@ class HealthWindow:
         k = q.shape[-1]
         out = {
             "teacher_entropy": mean_entropy(q),
+            "teacher_information": teacher_information(q),
             "student_entropy": mean_entropy(F.softmax(s.float() / self.student_temp, dim=-1)),
             "ln_k": math.log(k),
             "kl_teacher_student": kl_divergence(q, s, self.student_temp),
@@ -175,6 +198,7 @@ class HealthWindow:
         if pq is not None and ps is not None:
             kp = pq.shape[-1]
             out["ibot_teacher_entropy"] = mean_entropy(pq)
+            out["ibot_teacher_information"] = teacher_information(pq)
             out["ibot_student_entropy"] = mean_entropy(F.softmax(ps.float() / self.student_temp, dim=-1))
             out["ibot_kl_teacher_student"] = kl_divergence(pq, ps, self.student_temp)
             out["ibot_prototype_usage"] = prototype_usage(torch.cat(self._ibot_argmax), kp)
@@ -188,18 +212,23 @@ class CollapseDetector:
     Two conditions, each counted over consecutive log steps:
 
     - the teacher entropy is within ``entropy_tolerance`` (relative) of ln K, i.e.
-      ``H >= (1 - entropy_tolerance) * ln K``: uniform targets, the DINO loss carries no signal;
+      ``H >= (1 - entropy_tolerance) * ln K``, AND the targets carry less than ``min_information`` nats
+      about the image (:func:`teacher_information`; not measured or ``min_information=0``: not required): uniform targets that
+      are the same for every image, so the DINO loss carries no signal. The second half keeps the
+      detector quiet on DINOv3's healthy start, whose entropy is within 1% of ln K by construction;
     - the effective rank of the teacher's CLS features is below ``min_rank`` (None disables it).
 
     :meth:`update` returns a one-line warning the first time a condition has held for ``patience``
     consecutive log steps; it fires once per episode and re-arms when the condition clears.
     """
 
-    def __init__(self, ln_k: float, entropy_tolerance: float = 0.02, min_rank: float | None = 1.5, patience: int = 5):
+    def __init__(self, ln_k: float, entropy_tolerance: float = 0.02, min_rank: float | None = 1.5, patience: int = 5,
+                 min_information: float = 0.005):
         if patience < 1:
             raise ValueError("CollapseDetector: patience must be >= 1")
         self.ln_k = float(ln_k)
         self.entropy_tolerance = float(entropy_tolerance)
+        self.min_information = float(min_information)
         self.min_rank = min_rank
         self.patience = int(patience)
         self._count = {"entropy": 0, "rank": 0}
@@ -215,15 +244,20 @@ class CollapseDetector:
             return True
         return False
 
-    def update(self, step: int, teacher_entropy: float | None, effective_rank: float | None) -> str | None:
-        """Feed one log step's values (None or NaN = not measured, counts as the condition not holding);
-        returns the warning text when a condition has just reached ``patience`` log steps, else None."""
+    def update(self, step: int, teacher_entropy: float | None, effective_rank: float | None,
+               teacher_information: float | None = None) -> str | None:
+        """Feed one log step's values (None or NaN = not measured: the entropy or rank condition does not
+        hold, the information one is not required); returns the warning text when a condition has just
+        reached ``patience`` log steps, else None."""
         messages = []
         h_holds = _finite(teacher_entropy) and teacher_entropy >= (1.0 - self.entropy_tolerance) * self.ln_k
-        if self._step("entropy", bool(h_holds)):
+        same_for_all = (self.min_information <= 0 or not _finite(teacher_information)
+                        or teacher_information < self.min_information)
+        if self._step("entropy", bool(h_holds and same_for_all)):
+            about = f", {teacher_information:.2g} nats about the image" if _finite(teacher_information) else ""
             messages.append(
                 f"teacher entropy {teacher_entropy:.3f} within {self.entropy_tolerance * 100:g}% of "
-                f"ln K={self.ln_k:.3f} for {self.patience} log steps (uniform collapse)"
+                f"ln K={self.ln_k:.3f}{about} for {self.patience} log steps (uniform collapse)"
             )
         r_holds = self.min_rank is not None and _finite(effective_rank) and effective_rank < self.min_rank
         if self._step("rank", bool(r_holds)):
@@ -236,9 +270,9 @@ class CollapseDetector:
         return f"step {step}: " + "; ".join(messages)
 
 
-HEALTH_KEYS = ("teacher_entropy", "student_entropy", "ln_k", "kl_teacher_student", "prototype_usage",
-               "effective_rank", "ibot_teacher_entropy", "ibot_student_entropy", "ibot_kl_teacher_student",
-               "ibot_prototype_usage")
+HEALTH_KEYS = ("teacher_entropy", "teacher_information", "student_entropy", "ln_k", "kl_teacher_student",
+               "prototype_usage", "effective_rank", "ibot_teacher_entropy", "ibot_teacher_information",
+               "ibot_student_entropy", "ibot_kl_teacher_student", "ibot_prototype_usage")
 
 
 def averaged_diagnostics(window: HealthWindow,
@@ -267,7 +301,8 @@ def log_health(window: HealthWindow, detector: CollapseDetector | None, step: in
         bar_fields["H/lnK"] = diag["teacher_entropy"] / diag["ln_k"]
     warning = None
     if detector is not None:
-        warning = detector.update(step, diag.get("teacher_entropy"), diag.get("effective_rank"))
+        warning = detector.update(step, diag.get("teacher_entropy"), diag.get("effective_rank"),
+                                  diag.get("teacher_information"))
     if warning is not None:
         row["collapse_warning"] = warning
     return warning

@@ -131,6 +131,7 @@ def curve_panels(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[str]
     speed = [k for k in keys if k in ("images_per_s",)]
     health = [  # ln_k is drawn as a reference line in the entropy panel, not as a curve
         (_ENTROPY_PANEL, [k for k in keys if k.endswith("teacher_entropy") or k.endswith("student_entropy")]),
+        (_INFORMATION_PANEL, [k for k in keys if k.endswith("teacher_information")]),
         ("KL(teacher || student)", [k for k in keys if k.endswith("kl_teacher_student")]),
         ("prototype usage", [k for k in keys if k.endswith("prototype_usage")]),
         ("effective rank (teacher CLS)", [k for k in keys if k == "effective_rank"]),
@@ -140,7 +141,8 @@ def curve_panels(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[str]
 
 
 _ENTROPY_PANEL = "entropy vs ln K"
-_HEALTH_PANELS = ("losses", _ENTROPY_PANEL, "KL(teacher || student)", "prototype usage", "effective rank (teacher CLS)")
+_INFORMATION_PANEL = "teacher information about the image (nats)"
+_HEALTH_PANELS = ("losses", _ENTROPY_PANEL, _INFORMATION_PANEL, "KL(teacher || student)", "prototype usage", "effective rank (teacher CLS)")
 
 
 def curves_figure(rows: Sequence[Mapping[str, Any]], title: str) -> bytes | None:
