@@ -23,6 +23,7 @@ from meddino.report.build import (
     bootstrap_group,
     make_report,
     run_report,
+    split_label,
 )
 from meddino.report.collect import collect, display_name, parse_iteration, read_eval_run
 from meddino.report.predictions import (
@@ -565,3 +566,29 @@ def test_rank_metrics_are_configurable_and_a_typo_is_one_line(tmp_path, capsys):
     assert "(they have: dice, hd95, jaccard)" in err[0]
     assert main(["report", str(root), "rank_metrics.phase=[]"]) == 2
     assert "rank_metrics.phase" in capsys.readouterr().err
+
+
+def test_models_are_paired_and_ranked_only_within_their_protocol(tmp_path, cli):
+    """kNN and linear runs of two models: each protocol has its own bootstrap group, ranking and summary
+    line; no paired row or rank mixes a kNN run with a linear one."""
+    root = tmp_path / "runs"
+    for protocol, (cont, start) in (("knn", (0.02, 0.4)), ("linear", (0.1, 0.6))):  # cont beats start each time
+        make_cls_run(root / f"start_{protocol}", "start", "d", start, seed=1, protocol=protocol)
+        make_cls_run(root / f"cont_{protocol}", "cont", "d", cont, seed=2, protocol=protocol)
+    rep = make_report(ReportConfig(runs=str(root), bootstrap={"samples": 40, "seed": 0}))
+    assert sorted((g.dataset, g.setting, tuple(g.models)) for g in rep.groups) == [
+        ("d", "knn", ("cont [knn]", "start [knn]")), ("d", "linear", ("cont [linear]", "start [linear]"))]
+    assert set(rep.ranks) == {"classification [knn]", "classification [linear]"}
+    assert list(rep.ranks["classification [linear]"]) == ["cont [linear]", "start [linear]"]
+    paired = rep.tables["classification_paired"]
+    assert paired and all(split_label(r["model_a"])[1] == split_label(r["model_b"])[1] == r["setting"]
+                          for r in paired)
+    assert {r["setting"] for r in rep.tables["classification_ranks"]} == {"knn", "linear"}
+
+    out = tmp_path / "report"
+    res = cli("report", str(root), f"out={out}", "bootstrap.samples=40")
+    assert res.returncode == 0, res.stderr
+    page = (out / "report.html").read_text()
+    assert "Best mean bootstrap rank (knn): <b>cont [knn]</b>" in page
+    assert "Best mean bootstrap rank (linear): <b>cont [linear]</b>" in page
+    assert (out / "figures" / "ranks_classification__knn_.png").read_bytes().startswith(b"\x89PNG")

@@ -187,10 +187,12 @@ def _bootstrap(rep: Report) -> None:
     if b.samples == 0:
         rep.notes.append("bootstrap disabled (bootstrap.samples=0)")
         return
-    by_group: dict[tuple[str, str], dict[str, EvalRun]] = {}
+    # models are paired and ranked only within one protocol / encoder mode (kNN runs never against linear ones)
+    by_group: dict[tuple[str, str, str], dict[str, EvalRun]] = {}
     for (task, dataset, label), r in rep.entries.items():
-        by_group.setdefault((task, dataset), {})[label] = r
-    for (task, dataset), runs in sorted(by_group.items()):
+        by_group.setdefault((task, dataset, split_label(label)[1]), {})[label] = r
+    for (task, dataset, setting), runs in sorted(by_group.items()):
+        where = f"{task}/{dataset}" + (f" [{setting}]" if setting else "")
         data = {}
         for label, r in sorted(runs.items()):
             try:
@@ -206,17 +208,18 @@ def _bootstrap(rep: Report) -> None:
         try:
             g = bootstrap_group(task, dataset, data, b.samples, b.seed)
         except UserError as exc:
-            rep.notes.append(f"no bootstrap for {task}/{dataset}: {exc}")
+            rep.notes.append(f"no bootstrap for {where}: {exc}")
             continue
+        g.setting = setting
         rep.groups.append(g)
-        rep.notes += [f"{task}/{dataset}: {n}" for n in g.notes]
+        rep.notes += [f"{where}: {n}" for n in g.notes]
         point_ranks = {k: stats.rank_models({m: g.point[m][k] for m in g.models}, higher_is_better(k))
                        for k in g.metrics}
         for m in g.models:
             for k in g.metrics:
                 lo, hi, n_nan = stats.percentile_interval(g.samples[m][k], b.alpha)
                 rep.tables.setdefault(f"{task}_bootstrap", []).append({
-                    "task": task, "dataset": dataset, "model": m, "metric": k, "point": g.point[m][k],
+                    "task": task, "dataset": dataset, "setting": setting, "model": m, "metric": k, "point": g.point[m][k],
                     "lower": lo, "upper": hi, "rank": point_ranks[k][m], "units": len(g.units),
                     "unit": UNIT_KIND[task], "samples": b.samples, "seed": b.seed, "n_nan": n_nan})
         for ma, mb in itertools.combinations(g.models, 2):
@@ -227,36 +230,43 @@ def _bootstrap(rep: Report) -> None:
                 res = stats.paired_from_samples(g.samples[a][k], g.samples[bb][k], g.point[a][k],
                                                 g.point[bb][k], hib, b.alpha)
                 rep.tables.setdefault(f"{task}_paired", []).append({
-                    "task": task, "dataset": dataset, "metric": k, "model_a": a, "model_b": bb, **res})
+                    "task": task, "dataset": dataset, "setting": setting, "metric": k, "model_a": a, "model_b": bb, **res})
+
+
+def rank_key(task: str, setting: str) -> str:
+    """The key of one ranking in ``Report.ranks``: the task, plus the protocol / encoder setting if any."""
+    return task + (f" [{setting}]" if setting else "")
 
 
 def _ranks(rep: Report) -> None:
-    for task in sorted({g.task for g in rep.groups}):
-        groups = [g for g in rep.groups if g.task == task]
+    """One ranking per (task, setting), pooled over its datasets and ``rank_metrics.<task>``."""
+    for task, setting in sorted({(g.task, g.setting) for g in rep.groups}):
+        key = rank_key(task, setting)
+        groups = [g for g in rep.groups if g.task == task and g.setting == setting]
         common = set.intersection(*(set(g.models) for g in groups))
         if len(common) < 2:  # rank within the largest dataset rather than nothing
             groups = [max(groups, key=lambda g: len(g.models))]
             common = set(groups[0].models)
             if len(common) < 2:
                 continue
-            rep.notes.append(f"{task}: models differ between datasets; ranks use {groups[0].dataset} only")
+            rep.notes.append(f"{key}: models differ between datasets; ranks use {groups[0].dataset} only")
         sample_scores, hib = {}, {}
         for k, g in _rank_keys(rep, task, groups):
             sample_scores[(k, g.dataset)] = {m: g.samples[m][k] for m in sorted(common)}
             hib[(k, g.dataset)] = higher_is_better(k)
         if not sample_scores:
-            rep.notes.append(f"{task}: no ranks (none of rank_metrics.{task} was bootstrapped)")
+            rep.notes.append(f"{key}: no ranks (none of rank_metrics.{task} was bootstrapped)")
             continue
         ranks = stats.bootstrap_ranks(sample_scores, hib, alpha=rep.cfg.bootstrap.alpha)
-        rep.ranks[task] = ranks
-        rep.rank_keys[task] = [f"{k} / {d}" for k, d in sample_scores]
+        rep.ranks[key] = ranks
+        rep.rank_keys[key] = [f"{k} / {d}" for k, d in sample_scores]
         for m, r in ranks.items():
             rep.tables.setdefault(f"{task}_ranks", []).append({
-                "task": task, "model": m, "mean_rank": r["mean"], "median_rank": r["median"],
+                "task": task, "setting": setting, "model": m, "mean_rank": r["mean"], "median_rank": r["median"],
                 "lower": r["lower"], "upper": r["upper"], "n": r["n"],
                 "freq": " ".join(f"{k:g}:{v:.3f}" for k, v in sorted(r["freq"].items()))})
-        _figure(rep, f"ranks_{task}", rank_figure, ranks,
-                f"{task}: {len(sample_scores)} metric x dataset, {rep.cfg.bootstrap.samples} resamples")
+        _figure(rep, f"ranks_{key}", rank_figure, ranks,
+                f"{key}: {len(sample_scores)} metric x dataset, {rep.cfg.bootstrap.samples} resamples")
 
 
 def _iterations(rep: Report) -> None:
@@ -399,7 +409,7 @@ def run_report(cfg: ReportConfig) -> Path:
     for name, rows in rep.tables.items():
         write_csv(out / "tables" / f"{name}.csv", rows)
     for name, png in rep.figures.items():
-        with atomic_write(out / "figures" / f"{name}.png", "wb") as fh:
+        with atomic_write(out / "figures" / f"{_safe(name)}.png", "wb") as fh:  # "ranks_task [knn]"
             fh.write(png)
     page = render(rep)
     path = out / "report.html"

@@ -77,10 +77,13 @@ def _summary(rep: Report) -> str:
         models = sorted({lbl for (t, _d, lbl) in rep.entries if t == task})
         lines.append(f"<p><b>{_e(task)}</b>: {len(models)} model(s) on {len(datasets)} dataset(s) "
                      f"({_e(', '.join(datasets))}).")
-        if task in rep.ranks:
-            best = next(iter(rep.ranks[task]))
-            r = rep.ranks[task][best]
-            lines.append(f" Best mean bootstrap rank: <b>{_e(best)}</b> (mean {r['mean']:.2f}, "
+        for key, ranks in rep.ranks.items():  # one ranking per protocol / encoder setting of the task
+            if key != task and not key.startswith(f"{task} ["):
+                continue
+            best = next(iter(ranks))
+            r = ranks[best]
+            within = f" ({key[len(task) + 2:-1]})" if key != task else ""
+            lines.append(f" Best mean bootstrap rank{_e(within)}: <b>{_e(best)}</b> (mean {r['mean']:.2f}, "
                          f"95 % interval {r['lower']:g}-{r['upper']:g}).")
         lines.append("</p>")
     b = rep.cfg.bootstrap
@@ -127,10 +130,12 @@ def _bootstrap(rep: Report) -> str:
     out = []
     rows_all = [r for name, rows in rep.tables.items() if name.endswith("_bootstrap") for r in rows]
     for g in rep.groups:
-        rows = [r for r in rows_all if r["task"] == g.task and r["dataset"] == g.dataset]
+        rows = [r for r in rows_all if r["task"] == g.task and r["dataset"] == g.dataset
+                and r.get("setting", "") == g.setting]
         cells = [[r["model"], r["metric"], _num(r["point"]), f"[{_num(r['lower'])}, {_num(r['upper'])}]",
                   _num(r["rank"], 1)] for r in rows]
-        out.append(f"<h3>{_e(g.task)} / {_e(g.dataset)}: 95 % intervals over {len(g.units)} "
+        setting = f" [{g.setting}]" if g.setting else ""
+        out.append(f"<h3>{_e(g.task)} / {_e(g.dataset)}{_e(setting)}: 95 % intervals over {len(g.units)} "
                    f"{_e(UNIT_KIND[g.task])}s</h3>")
         out.append(table(["model", "metric", "pooled", "interval", "rank"], cells, "bootstrap"))
     return "\n".join(out)
@@ -138,7 +143,7 @@ def _bootstrap(rep: Report) -> str:
 
 def _ranking(rep: Report) -> str:
     out = []
-    for task, ranks in rep.ranks.items():
+    for task, ranks in rep.ranks.items():  # task = the ranking's key: "task" or "task [setting]"
         png = rep.figures.get(f"ranks_{task}")
         if png:
             out.append(figure(png, f"{task}: blob size = frequency of each rank over the pooled bootstrap samples "

@@ -47,7 +47,9 @@ class ReportConfig(Schema):
 
 @dataclass
 class GroupBootstrap:
-    """All models of one (task, dataset) scored on the same resamples."""
+    """All models of one (task, dataset, setting) scored on the same resamples; the setting is the protocol
+    and encoder mode of the entry labels ("linear", "knn, frozen"; "" when a task has one), so that models
+    are compared and ranked only with models evaluated the same way."""
 
     task: str
     dataset: str
@@ -57,6 +59,7 @@ class GroupBootstrap:
     point: dict[str, dict[str, float]]  # model -> metric -> value on all units
     samples: dict[str, dict[str, np.ndarray]]  # model -> metric -> [n_samples]
     notes: list[str] = field(default_factory=list)
+    setting: str = ""
 
 
 @dataclass
