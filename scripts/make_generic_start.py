@@ -1,4 +1,4 @@
-"""Rebuild the demo's "generic" start checkpoint: a tiny DINOv2 ViT pretrained by meddino on natural photos.
+"""Rebuild a shipped "generic" start checkpoint: a tiny DINOv2 (or DINOv3) ViT pretrained by meddino on natural photos.
 
 The seeds compare a generic-domain start (ImageNet / LVD weights) with the same model continued in-domain.
 ``meddino demo`` does the same offline with this checkpoint, shipped as
@@ -11,6 +11,14 @@ from random init with the overrides below and the teacher backbone is exported.
 
     pip install scikit-image        # only needed to rebuild; the demo itself does not use it
     python scripts/make_generic_start.py [--iterations 1500] [--out src/meddino/assets]
+    python scripts/make_generic_start.py --arch dinov3_tiny --iterations 600   # generic_dinov3_tiny
+
+``--arch dinov3_tiny`` builds the v3 architecture (RoPE, registers, LayerScale, qkv bias) with the same
+DINOv2 objective (``--config dinov2_tiny model.arch=dinov3_tiny``): from a random init the DINOv3
+objective's plain-Linear head cannot leave its uniform start in a CPU-sized run (its targets carry ~1e-4
+nats about the image; docs/pretrain.md, "Why tiny runs sit at ln K"), while the v2 objective gives the
+backbone features that tell images apart. What the start is for -- continuing it with the DINOv3 objective,
+as ``tests/test_pretrain_learns.py`` does -- is then a test of that objective alone.
 
 Prints one JSON object: the data, the command, its final training-health diagnostics and the wall time.
 """
@@ -85,10 +93,13 @@ def main() -> None:
     p.add_argument("--size", type=int, default=48, help="crop size written to disk and used as global crop")
     p.add_argument("--crops-per-photo", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", default="dinov2_tiny", choices=("dinov2_tiny", "dinov3_tiny"),
+                   help="architecture; always trained with the DINOv2 objective (see the docstring)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src/meddino/assets")
     args = p.parse_args()
 
     overrides = [
+        *([f"model.arch={args.arch}"] if args.arch != "dinov2_tiny" else []),
         f"train.iterations={args.iterations}", f"data.batch_size={args.batch}", f"train.seed={args.seed}",
         f"crops.global_size={args.size}", f"crops.local_size={args.size // 2 // 8 * 8 or 8}",
         # small-scale settings (docs/pretrain.md, "Why tiny runs sit at ln K")
@@ -106,7 +117,7 @@ def main() -> None:
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
         args.out.mkdir(parents=True, exist_ok=True)
         # re-exported (not copied) so the JSON names its own weights file
-        export_backbone(load_backbone(run / "teacher_backbone.safetensors"), args.out / "generic_dinov2_tiny.safetensors")
+        export_backbone(load_backbone(run / "teacher_backbone.safetensors"), args.out / f"generic_{args.arch}.safetensors")
     last = rows[-1]
     keys = ("dino", "ibot", "koleo", "teacher_entropy", "ln_k", "prototype_usage", "effective_rank")
     print(json.dumps({
@@ -117,7 +128,7 @@ def main() -> None:
         "final": {k: last.get(k) for k in keys},
         "min_teacher_entropy_over_ln_k": min(r["teacher_entropy"] for r in rows if "teacher_entropy" in r) / last["ln_k"],
         "wall_s": round(time.perf_counter() - t0, 1),
-        "out": str(args.out / "generic_dinov2_tiny.safetensors"),
+        "out": str(args.out / f"generic_{args.arch}.safetensors"),
     }, indent=1))
 
 

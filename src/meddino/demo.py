@@ -98,12 +98,14 @@ def _run(path: str, *overrides: object, recipe: str | None = None, **values: obj
         raise UserError(f"demo step failed (exit {code}): meddino {path}")
 
 
-def generic_start() -> Path:
-    """The shipped generic start checkpoint (tiny DINOv2 ViT pretrained on natural photos)."""
-    path = Path(str(files("meddino") / "assets" / "generic_dinov2_tiny.safetensors"))
+def generic_start(arch: str = "dinov2_tiny") -> Path:
+    """A shipped generic start checkpoint: the tiny DINOv2 ViT pretrained on natural photos (the demo's), or
+    ``arch="dinov3_tiny"``, the tiny DINOv3 architecture pretrained on the same photos with the DINOv2
+    objective (``scripts/make_generic_start.py`` says why)."""
+    path = Path(str(files("meddino") / "assets" / f"generic_{arch}.safetensors"))
     if not path.is_file():
         raise UserError(f"demo: the generic start checkpoint {path} is missing from this install; "
-                        "rebuild it with scripts/make_generic_start.py")
+                        f"rebuild it with scripts/make_generic_start.py --arch {arch}")
     return path
 
 
