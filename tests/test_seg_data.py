@@ -237,6 +237,65 @@ def test_frozen_heads_train_only_the_decoder(head):
     assert not model.backbone.training  # a frozen encoder stays in eval mode
 
 
+def _convs_per_up_block(decoder: UNetDecoder) -> list[int]:
+    return [sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) for m in up.convs.modules())
+            for up in (decoder.up1, decoder.up2, decoder.up3, decoder.up4)]
+
+
+def test_unet_seed001_variant_reads_the_last_four_blocks_with_one_conv_per_stage(monkeypatch):
+    """Seed 001's code: get_intermediate_layers(x, 4) (the last four blocks) and one 3x3 conv-BN-ReLU per
+    decoder block; the evenly spaced two-conv decoder stays the default. Checked on the built module, on the
+    blocks the forward really asks the encoder for, and by the output shape."""
+    torch.manual_seed(0)
+    backbone = build_backbone("dinov2_tiny", depth=6)
+    seed = SegmentationModel(backbone, "unet", 3, unet={"skips": "last4", "convs_per_stage": 1}).eval()
+    even = SegmentationModel(backbone, "unet", 3).eval()
+    assert seed.unet_blocks == [2, 3, 4, 5]
+    assert even.unet_blocks == [1, 2, 3, 5]  # round(6 / 4 * k) - 1: evenly spaced, ending at the last block
+    assert _convs_per_up_block(seed.head) == [1, 1, 1, 1]
+    assert _convs_per_up_block(even.head) == [2, 2, 2, 2]
+    asked = []
+    real = backbone.get_intermediate_layers
+
+    def spy(x, blocks=1, norm=True):
+        asked.append(list(blocks))
+        return real(x, blocks=blocks, norm=norm)
+
+    monkeypatch.setattr(backbone, "get_intermediate_layers", spy)
+    x = torch.randn(2, 3, 32, 32)
+    assert seed(x).shape == (2, 3, 32, 32) and even(x).shape == (2, 3, 32, 32)
+    assert asked == [[2, 3, 4, 5], [1, 2, 3, 5]]
+    # the two options are independent; explicit blocks win over skips
+    mixed = SegmentationModel(backbone, "unet", 3, unet={"skips": "even", "convs_per_stage": 1,
+                                                          "blocks": [0, 2, 4, 5]})
+    assert mixed.unet_blocks == [0, 2, 4, 5] and _convs_per_up_block(mixed.head) == [1, 1, 1, 1]
+
+
+def test_seed001_unet_recipe_sets_the_seed_variant_and_model_json_keeps_it(tmp_path):
+    from meddino.config import load_config
+    from meddino.tasks.seg.config import SegConfig
+    from meddino.tasks.seg.predict import build_from_meta, load_seg_model, model_meta, save_fold_model
+
+    cfg = load_config(SegConfig, "seed001_unet", ["data.manifest=pairs.csv"], group="seg")
+    assert (cfg.unet.skips, cfg.unet.convs_per_stage, cfg.unet.blocks) == ("last4", 1, None)
+    default = load_config(SegConfig, "seg_tiny", ["data.manifest=pairs.csv"], group="seg")
+    assert (default.unet.skips, default.unet.convs_per_stage) == ("even", 2)
+    with pytest.raises(ConfigError, match="unet.convs_per_stage.*1 or 2"):
+        load_config(SegConfig, "seed001_unet", ["data.manifest=pairs.csv", "unet.convs_per_stage=3"], group="seg")
+    torch.manual_seed(0)
+    model = SegmentationModel(build_backbone("dinov2_tiny", depth=6), "unet", 3, unet=cfg.unet).eval()
+    meta = model_meta(model, ["bg", "a", "b"], (32, 32), (0.5,) * 3, (0.2,) * 3, 255, "x")
+    assert meta["unet_blocks"] == [2, 3, 4, 5] and meta["unet"]["convs_per_stage"] == 1
+    save_fold_model(tmp_path / "model", model, meta, 0, {"best_val_dice": 0.5})
+    loaded, _ = load_seg_model(tmp_path)  # a strict load: a decoder with two convs per stage would not fit
+    assert loaded.unet_blocks == [2, 3, 4, 5] and _convs_per_up_block(loaded.head) == [1, 1, 1, 1]
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(model(x), loaded(x), atol=1e-6)
+    # a model.json written before the "unet" entry existed describes the original two-conv decoder
+    old = {k: v for k, v in meta.items() if k != "unet"}
+    assert _convs_per_up_block(build_from_meta(old).head) == [2, 2, 2, 2]
+
+
 def test_cnn_unet_uses_encoder_scales():
     model = SegmentationModel(__import__("meddino.models", fromlist=["resolve_backbone"]).resolve_backbone(
         "timm:resnet18"), "unet", 4, freeze_backbone=False)
@@ -319,5 +378,5 @@ def test_baseline_heads_and_bad_combinations():
     assert model.input_multiple == 16 and model(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
     with pytest.raises(ConfigError, match="head=eomt needs a ViT backbone"):
         SegmentationModel(resolve_backbone("timm:resnet18"), "eomt", 3)
-    with pytest.raises(ConfigError, match="unet_blocks: block 9 out of range"):
-        SegmentationModel(build_backbone("dinov2_tiny"), "unet", 3, unet_blocks=[0, 1, 2, 9])
+    with pytest.raises(ConfigError, match="unet.blocks: block 9 out of range"):
+        SegmentationModel(build_backbone("dinov2_tiny"), "unet", 3, unet={"blocks": [0, 1, 2, 9]})

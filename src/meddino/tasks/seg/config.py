@@ -66,6 +66,22 @@ class EoMTConfig(Schema):
     backbone_warmup_steps: int = Field(1000, ge=0)  # then the backbone lr ramps up linearly
 
 
+class UNetConfig(Schema):
+    """Options of the U-Net decoder (``head=unet``). The defaults are meddino's original decoder; seed 001's code
+    takes the last four blocks (``get_intermediate_layers(x, 4)``) and one 3x3 conv-BN-ReLU per up-block,
+    which the ``seed001_unet`` recipe sets (``skips: last4``, ``convs_per_stage: 1``)."""
+
+    skips: Literal["even", "last4"] = "even"  # ViT blocks feeding the decoder: evenly spaced | the last four
+    blocks: list[int] | None = None  # four explicit 0-based block indices (override ``skips``)
+    convs_per_stage: Literal[1, 2] = 2  # 3x3 conv-BN-ReLU layers in each up-block
+
+    @model_validator(mode="after")
+    def _check(self) -> UNetConfig:
+        if self.blocks is not None and len(self.blocks) != 4:
+            raise ValueError("unet.blocks must list exactly four block indices")
+        return self
+
+
 class SegTrainConfig(Schema):
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -96,7 +112,7 @@ class SegConfig(Schema):
     model_name: str | None = None  # display name in results.json (default: the backbone spec)
     head: Literal["linear", "unet", "eomt", "monai_unet"] = "linear"
     freeze_backbone: bool = True
-    unet_blocks: list[int] | None = None  # four 0-based block indices (default evenly spaced, last included)
+    unet: UNetConfig = Field(default_factory=UNetConfig)
     monai_channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
     eomt: EoMTConfig = Field(default_factory=EoMTConfig)
     data: SegDataConfig
@@ -106,12 +122,6 @@ class SegConfig(Schema):
     save_predictions: bool = True  # predicted masks of the test folds under predictions/masks
     seed: int = 0
     out: str = "runs/seg"
-
-    @model_validator(mode="after")
-    def _check(self) -> SegConfig:
-        if self.unet_blocks is not None and len(self.unet_blocks) != 4:
-            raise ValueError("unet_blocks must list exactly four block indices")
-        return self
 
 
 class SegPredictConfig(Schema):

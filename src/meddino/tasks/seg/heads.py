@@ -3,10 +3,12 @@
 - :class:`LinearDecoder` (seed 001): a 1x1 convolution on the last block's (final-normed) patch tokens laid
   out on the patch grid, logits upsampled bilinearly to the input size.
 - :class:`UNetDecoder` (seed 001): four up-blocks, channels ``D -> D/2 -> D/4 -> D/8 -> classes``. For a
-  ViT the skips are the patch tokens of four transformer blocks (all on the patch grid); each up-block
-  doubles the resolution with a 2x2 transposed convolution, projects its skip with a 1x1 convolution,
-  resizes it (bilinear) to the current resolution, concatenates, and applies two 3x3 conv-BN-ReLU. The
-  fourth up-block has no skip and ends in the 1x1 class convolution. With a CNN encoder the skips are the
+  ViT the skips are the patch tokens of four transformer blocks (all on the patch grid): evenly spaced
+  ending at the last (``unet.skips: even``, the default) or the last four, as seed 001's code takes them
+  (``last4``), or ``unet.blocks``. Each up-block doubles the resolution with a 2x2 transposed convolution,
+  projects its skip with a 1x1 convolution, resizes it (bilinear) to the current resolution, concatenates,
+  and applies ``unet.convs_per_stage`` 3x3 conv-BN-ReLU (2 by default, 1 in seed 001's code). The fourth
+  up-block has no skip and ends in the 1x1 class convolution. With a CNN encoder the skips are the
   encoder's own multi-scale maps (the last four), so the same decoder is a classic U-Net decoder.
   Four 2x steps reach 16x the grid: for patch 16 that is the input size, for 14 and 8 the logits are
   resized (bilinear) to the input.
@@ -15,7 +17,8 @@
 Every head (these three and :class:`~meddino.tasks.seg.eomt.EoMT`) has one entry in :data:`SEG_HEADS`
 (:class:`SegHead`): its builder, the checks it makes on an encoder, its options (the ``SegConfig`` field,
 ``SegmentationModel`` keyword and ``model.json`` key that hold them, with their typed config where there is
-one: :class:`~meddino.tasks.seg.config.EoMTConfig` for EoMT) and what it consumes and how it trains. Code
+one: :class:`~meddino.tasks.seg.config.UNetConfig` for the U-Net, :class:`~meddino.tasks.seg.config.EoMTConfig`
+for EoMT) and what it consumes and how it trains. Code
 outside asks the entry, never the head's name. :class:`SegmentationModel` puts a head on an encoder; a
 frozen encoder runs under ``no_grad`` in eval mode (no drop path, no BN updates) whatever the module's mode.
 """
@@ -32,17 +35,35 @@ from torch import nn
 
 from meddino.config import Schema
 from meddino.errors import ConfigError
-from meddino.tasks.seg.config import EoMTConfig
+from meddino.tasks.seg.config import EoMTConfig, UNetConfig
 from meddino.tasks.seg.eomt import EoMT, MaskClassificationLoss, resolve_num_blocks
 from meddino.tasks.seg.tokens import tokens_to_map
 
 
-def default_unet_blocks(depth: int) -> list[int]:
-    """Four evenly spaced 0-based block indices ending at the last block (12 blocks -> 2, 5, 8, 11)."""
+def _need_four(depth: int) -> None:
     if depth < 4:
         raise ConfigError(f"the U-Net decoder needs an encoder with >= 4 blocks (this one has {depth})")
+
+
+def default_unet_blocks(depth: int) -> list[int]:
+    """Four evenly spaced 0-based block indices ending at the last block (12 blocks -> 2, 5, 8, 11)."""
+    _need_four(depth)
     step = depth / 4
     return [int(round(step * (i + 1))) - 1 for i in range(4)]
+
+
+def last_unet_blocks(depth: int) -> list[int]:
+    """The last four 0-based block indices (12 blocks -> 8, 9, 10, 11): seed 001's skips, whose code takes
+    ``get_intermediate_layers(x, 4)``."""
+    _need_four(depth)
+    return list(range(depth - 4, depth))
+
+
+def resolve_unet_blocks(depth: int, options: UNetConfig) -> list[int]:
+    """The four ViT blocks the decoder reads: ``options.blocks`` if given, else by ``options.skips``."""
+    if options.blocks is not None:
+        return list(options.blocks)
+    return last_unet_blocks(depth) if options.skips == "last4" else default_unet_blocks(depth)
 
 
 class LinearDecoder(nn.Module):
@@ -61,13 +82,14 @@ def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
 
 
 class UpBlock(nn.Module):
-    """2x transposed-conv upsampling, optional skip (1x1 projection, resized), two 3x3 conv-BN-ReLU."""
+    """2x transposed-conv upsampling, optional skip (1x1 projection, resized), ``convs`` 3x3 conv-BN-ReLU."""
 
-    def __init__(self, cin: int, cout: int, skip_channels: int | None):
+    def __init__(self, cin: int, cout: int, skip_channels: int | None, convs: int = 2):
         super().__init__()
         self.up = nn.ConvTranspose2d(cin, cout, kernel_size=2, stride=2)
         self.skip = nn.Conv2d(skip_channels, cout, kernel_size=1) if skip_channels else None
-        self.convs = nn.Sequential(_conv_bn_relu(cout * (2 if skip_channels else 1), cout), _conv_bn_relu(cout, cout))
+        first = _conv_bn_relu(cout * (2 if skip_channels else 1), cout)
+        self.convs = nn.Sequential(first, *(_conv_bn_relu(cout, cout) for _ in range(convs - 1)))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         x = self.up(x)
@@ -80,18 +102,22 @@ class UpBlock(nn.Module):
 
 
 class UNetDecoder(nn.Module):
-    """Four up-blocks over four feature maps (shallow -> deep), channels D -> D/2 -> D/4 -> D/8 -> classes."""
+    """Four up-blocks over four feature maps (shallow -> deep), channels D -> D/2 -> D/4 -> D/8 -> classes,
+    ``convs_per_stage`` 3x3 conv-BN-ReLU in each (1 in seed 001's code, 2 by default)."""
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int):
+    def __init__(self, in_channels: Sequence[int], num_classes: int, convs_per_stage: int = 2):
         super().__init__()
         if len(in_channels) != 4:
             raise ValueError("UNetDecoder needs four feature maps")
+        if convs_per_stage < 1:
+            raise ValueError("UNetDecoder needs at least one conv per stage")
         d = int(in_channels[-1])
         widths = [max(d // 2, 8), max(d // 4, 8), max(d // 8, 8)]
-        self.up1 = UpBlock(d, widths[0], in_channels[2])
-        self.up2 = UpBlock(widths[0], widths[1], in_channels[1])
-        self.up3 = UpBlock(widths[1], widths[2], in_channels[0])
-        self.up4 = UpBlock(widths[2], widths[2], None)
+        n = int(convs_per_stage)
+        self.up1 = UpBlock(d, widths[0], in_channels[2], n)
+        self.up2 = UpBlock(widths[0], widths[1], in_channels[1], n)
+        self.up3 = UpBlock(widths[1], widths[2], in_channels[0], n)
+        self.up4 = UpBlock(widths[2], widths[2], None, n)
         self.cls = nn.Conv2d(widths[2], num_classes, kernel_size=1)
 
     def forward(self, maps: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
@@ -140,9 +166,9 @@ def _build_linear(backbone: nn.Module, num_classes: int, _options: None) -> tupl
     return LinearDecoder(backbone.embed_dim, num_classes), None
 
 
-def unet_levels(backbone: nn.Module, blocks: Sequence[int] | None) -> tuple[list[int], list[int]]:
+def unet_levels(backbone: nn.Module, options: UNetConfig) -> tuple[list[int], list[int]]:
     """(feature levels, their channel counts) of the U-Net decoder on ``backbone``: for a CNN its last four
-    multi-scale maps, for a ViT four blocks (``blocks``, default :func:`default_unet_blocks`)."""
+    multi-scale maps, for a ViT four blocks (:func:`resolve_unet_blocks`)."""
     if _is_cnn(backbone):
         was_training = backbone.training
         backbone.eval()
@@ -153,16 +179,16 @@ def unet_levels(backbone: nn.Module, blocks: Sequence[int] | None) -> tuple[list
             raise ConfigError("the U-Net decoder needs a CNN with >= 4 feature levels")
         levels = list(range(len(probe) - 4, len(probe)))
         return levels, [int(probe[i].shape[1]) for i in levels]
-    chosen = list(blocks) if blocks is not None else default_unet_blocks(backbone.depth)
+    chosen = resolve_unet_blocks(int(backbone.depth), options)
     for b in chosen:
         if not 0 <= b < backbone.depth:
-            raise ConfigError(f"unet_blocks: block {b} out of range 0..{backbone.depth - 1}")
+            raise ConfigError(f"unet.blocks: block {b} out of range 0..{backbone.depth - 1}")
     return sorted(chosen), [backbone.embed_dim] * 4
 
 
-def _build_unet(backbone: nn.Module, num_classes: int, blocks: Sequence[int] | None) -> tuple[nn.Module, list[int]]:
-    levels, channels = unet_levels(backbone, blocks)
-    return UNetDecoder(channels, num_classes), levels
+def _build_unet(backbone: nn.Module, num_classes: int, options: UNetConfig) -> tuple[nn.Module, list[int]]:
+    levels, channels = unet_levels(backbone, options)
+    return UNetDecoder(channels, num_classes, options.convs_per_stage), levels
 
 
 def _check_eomt(backbone: nn.Module, cfg: EoMTConfig) -> int:
@@ -256,7 +282,7 @@ class SegHead:
 
 SEG_HEADS: dict[str, SegHead] = {h.name: h for h in (
     SegHead("linear", "last_block", _build_linear, profile_name="linear_seg"),
-    SegHead("unet", "levels", _build_unet, check=unet_levels, option="unet_blocks", profile_name="unet"),
+    SegHead("unet", "levels", _build_unet, check=unet_levels, option="unet", config=UNetConfig, profile_name="unet"),
     SegHead("eomt", "backbone", _build_eomt, check=_check_eomt, option="eomt", config=EoMTConfig,
             mask_classification=True, criterion=_eomt_criterion, record=_eomt_record, profile_name="eomt"),
     SegHead("monai_unet", "image", _build_monai, check=lambda _b, _c: _monai_unet_class(), option="monai_channels",
@@ -276,16 +302,17 @@ class SegmentationModel(nn.Module):
     """An encoder + a head (an entry of :data:`SEG_HEADS`) -> per-pixel class logits at the input size, or
     EoMT's mask / class predictions (:meth:`class_scores` gives class scores for every head).
 
-    ``unet_blocks``, ``eomt`` (an :class:`EoMTConfig` or a dict of its fields) and ``monai_channels`` are the
-    options of the heads that have them; each head reads its own only.
+    ``unet`` (a :class:`UNetConfig` or a dict of its fields), ``eomt`` (an :class:`EoMTConfig` or a dict) and
+    ``monai_channels`` are the options of the heads that have them; each head reads its own only.
+    ``unet_blocks`` holds the feature levels the U-Net decoder reads, as resolved for this encoder.
     """
 
     def __init__(self, backbone: nn.Module | None, head: str, num_classes: int, freeze_backbone: bool = True,
-                 unet_blocks: Sequence[int] | None = None, eomt: EoMTConfig | Mapping[str, Any] | None = None,
+                 unet: UNetConfig | Mapping[str, Any] | None = None, eomt: EoMTConfig | Mapping[str, Any] | None = None,
                  monai_channels: Sequence[int] = (16, 32, 64, 128, 256)):
         super().__init__()
         spec = head_spec(head)
-        options = {"unet_blocks": unet_blocks, "eomt": eomt, "monai_channels": monai_channels}
+        options = {"unet": unet, "eomt": eomt, "monai_channels": monai_channels}
         self.spec = spec
         self.options = spec.typed(options[spec.option] if spec.option else None)
         self.head_name, self.num_classes = head, num_classes

@@ -38,7 +38,7 @@ from meddino.errors import CheckpointError, DataError, require_file
 from meddino.models.checkpoints import load_into_strict
 from meddino.models.factory import build_from_timm, build_timm_backbone
 from meddino.runlog import atomic_path, atomic_write, write_json
-from meddino.tasks.seg.config import EoMTConfig
+from meddino.tasks.seg.config import EoMTConfig, UNetConfig
 from meddino.tasks.seg.heads import SegmentationModel
 
 MODEL_FORMAT = "meddino-seg"
@@ -61,6 +61,7 @@ def model_meta(model: SegmentationModel, classes: Sequence[str], size: Sequence[
         "backbone_arch": dict(bb.arch) if bb is not None else None,
         "freeze_backbone": model.freeze_backbone,
         "unet_blocks": model.unet_blocks,
+        "unet": model.options.model_dump() if isinstance(model.options, UNetConfig) else None,
         "eomt": eomt,
         "monai_channels": list(monai_channels) if monai_channels is not None else None,
         "dataset": dataset,
@@ -93,9 +94,21 @@ def build_from_meta(meta: dict[str, Any]) -> SegmentationModel:
             backbone = build_from_timm(arch["timm_name"], arch["version"], dict(arch.get("kwargs", {})))
     return SegmentationModel(
         backbone, meta["head"], len(meta["classes"]), freeze_backbone=meta.get("freeze_backbone", True),
-        unet_blocks=meta.get("unet_blocks"), eomt=_eomt_config(meta.get("eomt")),
+        unet=_unet_config(meta), eomt=_eomt_config(meta.get("eomt")),
         monai_channels=meta.get("monai_channels") or (16, 32, 64, 128, 256),
     )
+
+
+def _unet_config(meta: dict[str, Any]) -> UNetConfig:
+    """``model.json``'s U-Net options: the blocks as resolved (``unet_blocks``) and the conv count of the
+    ``unet`` entry; a model.json written before that entry existed had two convs per up-block."""
+    recorded = meta.get("unet") or {}
+    blocks = meta.get("unet_blocks")
+    try:
+        return UNetConfig(blocks=list(blocks) if blocks else None,
+                          convs_per_stage=recorded.get("convs_per_stage", 2), skips=recorded.get("skips", "even"))
+    except ValidationError as exc:
+        raise CheckpointError(f"model.json: invalid unet entry ({str(exc).splitlines()[0]})") from None
 
 
 def _eomt_config(recorded: dict[str, Any] | None) -> EoMTConfig:

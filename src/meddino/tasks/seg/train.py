@@ -91,7 +91,7 @@ def build_model(cfg: SegConfig, num_classes: int) -> tuple[SegmentationModel, tu
     """(model, input size (h, w), mean, std) for the config."""
     backbone = _backbone(cfg)
     model = SegmentationModel(backbone, cfg.head, num_classes, freeze_backbone=cfg.freeze_backbone,
-                              unet_blocks=cfg.unet_blocks, eomt=cfg.eomt, monai_channels=cfg.monai_channels)
+                              unet=cfg.unet, eomt=cfg.eomt, monai_channels=cfg.monai_channels)
     size = input_size(cfg, backbone, model.input_multiple)
     if backbone is not None:
         mean, std = tuple(backbone.mean), tuple(backbone.std)
