@@ -1,6 +1,6 @@
 """Data: readers (:mod:`.io`), pretraining sources (:mod:`.sources`), DINO multi-crop (:mod:`.multicrop`),
-labelled manifests (:mod:`.manifest`), patient-level splits (:mod:`.splits`), video frames (:mod:`.video`) and
-the bundled demo data (:mod:`.bundled`).
+fine-tuning's geometric augmentation (:mod:`.geometric`), labelled manifests (:mod:`.manifest`), patient-level
+splits (:mod:`.splits`), video frames (:mod:`.video`) and the bundled demo data (:mod:`.bundled`).
 """
 
 from meddino.lazy import lazy_exports
@@ -13,6 +13,7 @@ __all__, __getattr__ = lazy_exports(
         "read_dicom": ".io",
         "PretrainSource": ".sources",
         "MultiCropAugmentation": ".multicrop",
+        "GeometricAugment": ".geometric",
         "Manifest": ".manifest",
         "read_manifest": ".manifest",
         "patient_kfold": ".splits",

@@ -93,6 +93,24 @@ class FewshotConfig(Schema):
         return self
 
 
+class AugmentConfig(Schema):
+    """Geometric augmentation of fine-tuning's training images (:mod:`meddino.data.geometric`), every op off
+    by default. Seed 002 (MediDino): rotation 10, crop_scale [0.9, 1.1], shear 10, translate 0.1."""
+
+    rotation: float = Field(0.0, ge=0.0, le=180.0)  # angle uniform in +/- degrees
+    crop_scale: list[float] | None = None  # resized crop: area-fraction range [lo, hi]; None = no crop
+    crop_ratio: list[float] = Field(default_factory=lambda: [3 / 4, 4 / 3])  # its aspect-ratio range
+    shear: float = Field(0.0, ge=0.0, lt=90.0)  # x-shear angle uniform in +/- degrees
+    translate: float = Field(0.0, ge=0.0, le=1.0)  # shift uniform in +/- this fraction of width and height
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _range(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) != 2 or not 0.0 < v[0] <= v[1]):
+            raise ValueError("give a range [lo, hi] with 0 < lo <= hi")
+        return v
+
+
 class FinetuneConfig(Schema):
     mode: Literal["full", "lora", "bitfit"] = "full"
     head: Literal["linear", "mlp"] = "linear"  # mlp = Linear -> ReLU -> Linear on CLS (seed 002)
@@ -100,14 +118,16 @@ class FinetuneConfig(Schema):
     lrs: list[float] = Field(default_factory=lambda: [1e-4])
     batch_sizes: list[int] = Field(default_factory=lambda: [32])
     head_lr_scale: float = Field(1.0, gt=0.0)  # head lr = lr x this
+    optimizer: Literal["adamw", "adam"] = "adamw"  # adam: torch Adam, weight_decay as an L2 term (seed 002: 0)
     weight_decay: float = Field(0.05, ge=0.0)
     layer_decay: float = Field(0.75, gt=0.0, le=1.0)  # full mode: lr x decay^(depth + 1 - layer)
     epochs: int = Field(10, ge=1)
     warmup_epochs: float = Field(0.0, ge=0.0)
     schedule: Literal["cosine", "constant"] = "cosine"
     patience: int | None = Field(None, ge=1)  # early stop after this many epochs without a better val loss
-    hflip: float = Field(0.5, ge=0.0, le=1.0)
-    grad_clip: float | None = Field(1.0, gt=0.0)
+    hflip: float = Field(0.5, ge=0.0, le=1.0)  # flip probability of training images
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)  # training images only
+    grad_clip: float | None = Field(1.0, gt=0.0)  # max gradient norm; null = no clipping (seed 002)
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     lora_r: int = Field(48, ge=1)
     lora_alpha: float = Field(16.0, gt=0.0)

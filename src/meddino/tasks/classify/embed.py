@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from meddino.data.geometric import GeometricAugment, sample_seed
 from meddino.data.io import read_image
 from meddino.data.manifest import Manifest
 from meddino.data.transforms import to_tensor
@@ -54,19 +55,33 @@ _SETS = {
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Rows of a manifest as normalised tensors; ``hflip`` is the probability of a horizontal flip."""
+    """Rows of a manifest as normalised tensors, ``(image, row index)``.
+
+    ``augment`` (training images only): a :class:`~meddino.data.geometric.GeometricAugment` run after the
+    resize, with a generator seeded by (``seed``, epoch, row) (:meth:`set_epoch`), so an epoch's images are
+    the same in every run and with any number of loader workers; ``hflip`` alone is the flip probability of a
+    set without other ops. Uncovered pixels are black, as torchvision's fill 0 before normalisation."""
 
     def __init__(self, paths: list[Path], img_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 hflip: float = 0.0):
-        self.paths, self.img_size, self.mean, self.std, self.hflip = paths, img_size, mean, std, hflip
+                 hflip: float = 0.0, augment: GeometricAugment | None = None, seed: int = 0):
+        self.paths, self.img_size, self.mean, self.std = paths, img_size, mean, std
+        if augment is None and hflip > 0:
+            augment = GeometricAugment(hflip=hflip)
+        self.augment = augment if augment is not None and augment.active else None
+        self.fill = [-m / s for m, s in zip(mean, std, strict=True)]  # black after normalisation
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         x = to_tensor(read_image(self.paths[i], size_hint=self.img_size), self.img_size, self.mean, self.std)
-        if self.hflip > 0 and float(torch.rand(())) < self.hflip:
-            x = x.flip(-1)
+        if self.augment is not None:
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i))
+            x = self.augment(x, gen, self.fill)
         return x, i
 
 

@@ -24,10 +24,14 @@ reach the loss, and the run stops.
 
 Seed 002's protocol is the ``seed002_binary_cv`` recipe: head Linear -> ReLU -> Linear on the CLS token, BCE,
 5-fold CV with the manifest's fixed folds, the lowest-validation-loss weights kept as a real copy (a cloned
-state dict, not a reference to the live tensors -- the bug of the public code), and the lr x batch sweep.
+state dict, not a reference to the live tensors -- the bug of the public code), and the lr x batch sweep;
+its code's optimiser, ``torch.optim.Adam`` with no weight decay and no gradient clipping (``optimizer: adam``,
+``weight_decay: 0``, ``grad_clip: null``), and its training augmentation (rotation 10, flip, resized crop
+0.9-1.1, shear 10, translate 0.1: ``finetune.augment``, :mod:`meddino.data.geometric`).
 The sweep's configuration is chosen on validation (mean best val loss over the folds by default), never on
 test; every configuration's test metrics are still written under ``sweep/``.
-Augmentation: horizontal flip (probability ``hflip``) on training images only.
+Augmentation (horizontal flip with probability ``hflip``, then ``finetune.augment``'s geometric ops) runs on
+training images only, seeded per (unit seed, epoch, image).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meddino.data.geometric import GeometricAugment
 from meddino.data.manifest import Manifest
 from meddino.devices import autocast, pick_device
 from meddino.errors import ConfigError, DataError, NoGradient
@@ -223,6 +228,25 @@ def param_groups(model: Classifier, lr: float, weight_decay: float, layer_decay:
     return list(groups.values())
 
 
+def make_optimizer(groups: list[dict[str, Any]], lr: float, name: str = "adamw") -> torch.optim.Optimizer:
+    """The optimiser over :func:`param_groups`: ``adamw`` (decoupled weight decay) or ``adam`` (seed 002's
+    ``torch.optim.Adam``; a group's weight decay is then an L2 term in the gradient, 0 in its recipe)."""
+    params = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ConfigError(f"finetune.optimizer: expected adamw or adam, got {name!r}")
+
+
+def train_augment(fc: Any) -> GeometricAugment:
+    """The training images' augmentation of a ``finetune`` config: ``hflip`` and ``augment``."""
+    a = fc.augment
+    return GeometricAugment(rotation=a.rotation, hflip=fc.hflip,
+                            crop_scale=tuple(a.crop_scale) if a.crop_scale else None,
+                            crop_ratio=tuple(a.crop_ratio), shear=a.shear, translate=a.translate)
+
+
 def _without_grad(named: list[tuple[str, torch.Tensor]], grads: list[torch.Tensor | None]) -> list[str]:
     return [name for (name, _), g in zip(named, grads, strict=True) if g is None or not bool(g.ne(0).any())]
 
@@ -301,7 +325,7 @@ def train_model(model: Classifier, train_ds: ImageDataset, y_train: torch.Tensor
                           fc.head_lr_scale)
     if not groups:
         raise ConfigError(f"finetune.mode={fc.mode}: no trainable parameters")
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr)
+    opt = make_optimizer(groups, lr, fc.optimizer)
     train_loader = _loader(train_ds, batch_size, True, seed, fc.num_workers)
     val_loader = _loader(val_ds, max(batch_size, 32), False, seed, fc.num_workers)
     steps_per_epoch = len(train_loader)
@@ -319,6 +343,8 @@ def train_model(model: Classifier, train_ds: ImageDataset, y_train: torch.Tensor
     torch.manual_seed(seed)
     with Progress(total, "finetune", unit="step") as bar:
         for epoch in range(fc.epochs):
+            if hasattr(train_ds, "set_epoch"):  # fresh augmentation draws every epoch, the same in every run
+                train_ds.set_epoch(epoch)
             model.train()
             running, seen = 0.0, 0
             for x, idx in train_loader:
@@ -443,18 +469,27 @@ def _sweep_config(cfg: Any, m: Manifest, units: list[Any], targets: torch.Tensor
             float("nan"), "summary": summarize(per_unit, m.names), "units": records, "rows": rows}
 
 
+def unit_datasets(cfg: Any, m: Manifest, unit: Any, norm: tuple[tuple[float, ...], tuple[float, ...]],
+                  seed: int) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
+    """(train, val, test) images of one unit; only the training images are augmented (:func:`train_augment`,
+    seeded by ``seed``)."""
+    mean, std = norm
+    size = cfg.data.img_size
+    train_ds = ImageDataset([m.paths[j] for j in unit.train], size, mean, std,
+                            augment=train_augment(cfg.finetune), seed=seed)
+    val_ds = ImageDataset([m.paths[j] for j in unit.val], size, mean, std)
+    test_ds = ImageDataset([m.paths[j] for j in unit.test], size, mean, std)
+    return train_ds, val_ds, test_ds
+
+
 def _fit_unit(cfg: Any, m: Manifest, unit: Any, seed: int, targets: torch.Tensor, lr: float, bs: int,
               norm: tuple[tuple[float, ...], tuple[float, ...]], device: torch.device, log: Callable[..., None],
               model_display: str) -> tuple[dict[str, Any], Any, dict[str, Any], list[dict[str, Any]]]:
     """Train a fresh model on one unit -> (test metrics, validation AUROC, training info, prediction rows)."""
     fc = cfg.finetune
-    mean, std = norm
     torch.manual_seed(seed)
     model = build_model(cfg, m, device)
-    size = cfg.data.img_size
-    train_ds = ImageDataset([m.paths[j] for j in unit.train], size, mean, std, hflip=fc.hflip)
-    val_ds = ImageDataset([m.paths[j] for j in unit.val], size, mean, std)
-    test_ds = ImageDataset([m.paths[j] for j in unit.test], size, mean, std)
+    train_ds, val_ds, test_ds = unit_datasets(cfg, m, unit, norm, seed)
     info = train_model(model, train_ds, targets[unit.train], val_ds, targets[unit.val], m.task, fc, lr, bs,
                        device, seed, log)
     val_loader = _loader(val_ds, max(bs, 32), False, seed, fc.num_workers)
@@ -487,7 +522,8 @@ def _write_outputs(cfg: Any, m: Manifest, out: Path, configs: list[dict[str, Any
                       "mean_val_auroc": c["mean_val_auroc"], "metrics_image": c["summary"]["image"],
                       "metrics_patient": c["summary"]["patient"], "predictions": name})
     hp = {"mode": fc.mode, "lr": chosen["lr"], "batch_size": chosen["batch_size"], "epochs": fc.epochs,
-          "head": fc.head, "weight_decay": fc.weight_decay, "sweep_select": fc.sweep_select,
+          "head": fc.head, "optimizer": fc.optimizer, "weight_decay": fc.weight_decay, "grad_clip": fc.grad_clip,
+          "hflip": fc.hflip, "augment": fc.augment.model_dump(), "sweep_select": fc.sweep_select,
           "img_size": cfg.data.img_size, "trainable_params": n_trainable, "total_params": n_total}
     if fc.mode == "full":
         hp["layer_decay"] = fc.layer_decay
@@ -511,9 +547,12 @@ __all__ = [
     "loss_fn",
     "lora_modules",
     "lr_factor",
+    "make_optimizer",
     "param_groups",
     "predict",
     "route_qkv_through_module",
     "run_finetune",
+    "train_augment",
     "train_model",
+    "unit_datasets",
 ]
