@@ -63,6 +63,22 @@ def test_eval_and_predict_cholecseg8k(cli, tmp_path, head):
     assert m.shape == (40, 48) and m.max() < 9
 
 
+def test_seed001_unet_variant_trains_and_predicts_through_the_cli(cli, tmp_path):
+    """unet.skips=last4 unet.convs_per_stage=1 (the seed001_unet recipe's decoder) reaches the trained model,
+    model.json records it, and predict rebuilds that decoder (a strict load of its weights)."""
+    root = make_cholec(tmp_path / "cholec", videos=3, frames=2)
+    out = tmp_path / "run"
+    r = cli("eval", "seg", *TINY, "data.layout=cholecseg8k", f"data.root={root}", "head=unet",
+            "unet.skips=last4", "unet.convs_per_stage=1", "backbone=random:dinov2_tiny", f"out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((out / "model" / "model.json").read_text())
+    assert meta["unet_blocks"] == [0, 1, 2, 3]  # the last four of dinov2_tiny's four blocks
+    assert (meta["unet"]["skips"], meta["unet"]["convs_per_stage"]) == ("last4", 1)
+    r = cli("predict", "seg", "--model", out, root / "video01", f"out={tmp_path / 'pred'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list((tmp_path / "pred").rglob("*_mask.png"))) == 2
+
+
 def test_seed000_policy_is_recorded_and_pools_the_rows(cli, tmp_path):
     """metrics.policy=seed000: results.json records it; its per-patient Dice is the CSV's tp/fp/fn pooled by
     hand per patient and class, its std numpy's (ddof 0), and no frame missing the class has an HD95."""
