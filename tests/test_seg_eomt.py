@@ -1,5 +1,6 @@
 """EoMT pieces: Hungarian matching and the Mask2Former loss against brute force / numpy formulas, the mask
-annealing schedule at hand-computed points, masked attention, and annealed-training == plain-ViT inference."""
+annealing schedule (official EoMT's windows, probabilities by completed step at hand-computed points), masked
+attention, annealed-training == plain-ViT inference, and masked inference without annealing."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from meddino.models import build_backbone
 from meddino.tasks.seg.eomt import (
     EoMT,
     LayerNorm2d,
+    anneal_windows,
     MaskClassificationLoss,
     default_num_blocks,
     importance_points,
@@ -188,22 +190,50 @@ def test_importance_points_pick_uncertain_locations():
 
 
 # ---------------------------------------------------------------------------------------------- schedule
+def test_anneal_windows_are_the_official_configs():
+    """The start / end step lists of official EoMT's configs, from the step at which annealing ends:
+    ADE20K large (L2 4) and giant (L2 5), COCO panoptic small / base (L2 3)."""
+    ade_l = anneal_windows(4, 32600)
+    assert [w[0] for w in ade_l] == [6520, 13040, 19560, 26080]
+    assert [w[1] for w in ade_l] == [13040, 19560, 26080, 32600]
+    ade_g = anneal_windows(5, 32600)
+    assert [w[0] for w in ade_g] == [6520, 11410, 16300, 21190, 26080]
+    assert [w[1] for w in ade_g] == [13040, 17930, 22820, 27710, 32600]
+    coco_s = anneal_windows(3, 73910)
+    assert [w[0] for w in coco_s] == [14782, 36955, 59128]
+    assert [w[1] for w in coco_s] == [29564, 51737, 73910]
+    assert anneal_windows(1, 50) == [(10, 50)]  # one masked block: [end / 5, end]
+    with pytest.raises(ValueError):
+        anneal_windows(3, 0)
+
+
+# windows of L2 = 3 ending at step 100: (20, 40), (50, 70), (80, 100)
 @pytest.mark.parametrize(
-    "progress, expected",
+    "step, expected",
     [
-        (0.0, [1, 1, 1]),
-        (0.19, [1, 1, 1]),
-        (0.2, [1, 1, 1]),
-        (0.3, [0.5**0.9, 1, 1]),
-        (0.4, [0, 1, 1]),
-        (0.5, [0, 0.5**0.9, 1]),
-        (0.65, [0, 0, 0.75**0.9]),
-        (0.8, [0, 0, 0]),
-        (1.0, [0, 0, 0]),
+        (0, [1, 1, 1]),
+        (19, [1, 1, 1]),
+        (20, [1, 1, 1]),  # (1 - 0)^0.9
+        (30, [0.5**0.9, 1, 1]),
+        (39, [0.05**0.9, 1, 1]),
+        (40, [0, 1, 1]),
+        (45, [0, 1, 1]),
+        (55, [0, 0.75**0.9, 1]),
+        (70, [0, 0, 1]),
+        (95, [0, 0, 0.25**0.9]),
+        (100, [0, 0, 0]),
+        (10_000, [0, 0, 0]),
     ],
 )
-def test_mask_annealing_schedule(progress, expected):
-    assert mask_annealing_probs(progress, 3, 0.9) == pytest.approx(expected, abs=1e-9)
+def test_mask_annealing_probs_by_completed_steps(step, expected):
+    windows = anneal_windows(3, 100)
+    assert windows == [(20, 40), (50, 70), (80, 100)]
+    assert mask_annealing_probs(step, windows, 0.9) == pytest.approx(expected, abs=1e-12)
+
+
+def test_mask_annealing_power():
+    assert mask_annealing_probs(30, [(20, 40)], 2.0) == pytest.approx([0.25])
+    assert mask_annealing_probs(25, [(20, 40)], 1.0) == pytest.approx([0.75])
 
 
 def test_schedule_helpers():
@@ -264,7 +294,7 @@ def test_attention_mask_layout():
     grid = (4, 4)
     logits = torch.full((2, 2, 8, 8), -5.0)
     logits[:, 0, :4, :4] = 5.0  # query 0: top-left quarter of the image
-    keep = torch.tensor([True, False])
+    keep = torch.tensor([[True, True], [False, False]])  # [B, Q]
     tokens = 2 + 5 + 16
     allowed = head._attn_mask(logits, grid, tokens, prefix=5, keep=keep)
     assert allowed.shape == (2, 1, tokens, tokens) and allowed.dtype == torch.bool
@@ -275,7 +305,53 @@ def test_attention_mask_layout():
     assert not allowed[0, 0, 1, 7:].any()  # query 1 predicts nothing: no patch
     assert allowed[0, 0, :2, :7].all()  # queries always see queries and prefix tokens
     assert allowed[0, 0, 2:].all()  # patch and prefix rows are never masked
-    assert allowed[1].all()  # sample 1 dropped its mask this step
+    assert allowed[1].all()  # sample 1 dropped both queries' masks this step
+    # the draw is per query: query 0 keeps its mask, query 1 (which predicts nothing) sees every patch
+    mixed = head._attn_mask(logits, grid, tokens, prefix=5, keep=torch.tensor([[True, False], [True, False]]))
+    assert torch.equal(mixed[0, 0, 0, 7:].view(4, 4), expected)
+    assert mixed[0, 0, 1].all()
+
+
+def test_keep_is_drawn_per_query():
+    """Official EoMT drops a mask per (sample, query) with probability 1 - p, not per sample."""
+    bb = _live_backbone("dinov2_tiny")
+    head = EoMT(bb, num_classes=2, num_queries=64)
+    seen = []
+    real = head._attn_mask
+
+    def spy(mask_logits, grid, num_tokens, prefix, keep):
+        seen.append(keep.clone())
+        return real(mask_logits, grid, num_tokens, prefix, keep)
+
+    head._attn_mask = spy
+    torch.manual_seed(0)
+    head(bb, torch.randn(2, 3, 32, 32), attn_probs=[0.5] * head.num_blocks)
+    assert len(seen) == head.num_blocks
+    for keep in seen:
+        assert keep.shape == (2, 64)
+        assert 0 < keep[0].sum() < 64 and 0 < keep[1].sum() < 64  # mixed within one sample
+
+
+@pytest.mark.parametrize("arch", ["dinov2_tiny_reg", "dinov3_tiny"])
+def test_without_annealing_inference_keeps_the_masks(arch):
+    """eomt.mask_annealing=false is masked attention without annealing: official EoMT's mask probabilities
+    stay 1 and its inference reads them, so the inference pass (no attn_probs: validation, test, predict) is
+    the fully masked one, not the plain ViT."""
+    torch.manual_seed(0)
+    bb = _live_backbone(arch)
+    model = SegmentationModel(bb, "eomt", 3, freeze_backbone=False,
+                              eomt={"num_queries": 5, "mask_annealing": False}).eval()
+    assert model.head.masked_inference
+    x = torch.randn(2, 3, 32, 32)
+    inferred = model(x)
+    masked = model(x, attn_probs=[1.0] * model.head.num_blocks)
+    plain = model(x, attn_probs=[0.0] * model.head.num_blocks)
+    assert torch.allclose(inferred["pred_masks"], masked["pred_masks"], atol=1e-6)
+    assert not torch.allclose(inferred["pred_masks"], plain["pred_masks"], atol=1e-4)
+    scores = model.class_scores(x)
+    assert torch.allclose(scores, semantic_map_scores(masked["pred_masks"], masked["pred_logits"], (32, 32)), atol=1e-6)
+    annealed = SegmentationModel(bb, "eomt", 3, freeze_backbone=False, eomt={"num_queries": 5}).eval()
+    assert not annealed.head.masked_inference
 
 
 def test_frozen_eomt_trains_only_heads_but_queries_get_gradients():

@@ -79,3 +79,20 @@ def test_recipes_set_their_metric_policy_and_a_wrong_one_is_one_line(cli, tmp_pa
     r = cli("eval", "seg", "-c", "seg_tiny", "data.layout=cholecseg8k", f"data.root={tmp_path}",
             "metrics.policy=medpy", f"out={tmp_path / 'o'}")
     _one_line_error(r, "metrics.policy")
+
+
+def test_eomt_annealing_longer_than_the_run_is_refused_before_any_work(cli, tmp_path):
+    """EoMT's kept model must be one trained past its mask annealing: an annealing the run cannot finish is
+    one line naming both lengths, before a run folder exists; so are two annealing lengths at once."""
+    root = make_cholec(tmp_path / "c", videos=3, frames=2)
+    base = ["eval", "seg", "-c", "seg_tiny", "data.layout=cholecseg8k", f"data.root={root}", "data.folds=3",
+            "data.val_fraction=0.5", "train.epochs=2", "head=eomt", f"out={tmp_path / 'o'}"]
+    # fold 0 trains on one video (2 frames): one batch of 4 per epoch
+    _one_line_error(cli(*base, "eomt.anneal_steps=100"),
+                    "fold 0: EoMT mask annealing needs 100 optimiser steps (eomt.anneal_steps=100), the run has 2 "
+                    "(train.epochs=2 x 1 per epoch)")
+    assert not (tmp_path / "o").exists()
+    _one_line_error(cli(*base, "eomt.anneal_epochs=3"), "eomt.anneal_epochs=3 is longer than the run (train.epochs=2)")
+    _one_line_error(cli(*base, "eomt.anneal_epochs=1", "eomt.anneal_steps=1"),
+                    "eomt.anneal_steps and eomt.anneal_epochs exclude each other")
+    assert not (tmp_path / "o").exists()

@@ -11,7 +11,7 @@ import torch
 
 from meddino.metrics.segmentation import foreground_dice
 from meddino.models import build_backbone
-from meddino.tasks.seg.eomt import MaskClassificationLoss, mask_annealing_probs
+from meddino.tasks.seg.eomt import MaskClassificationLoss, anneal_windows, mask_annealing_probs
 from meddino.tasks.seg.heads import SegmentationModel
 
 
@@ -46,7 +46,8 @@ def test_head_learns_a_square(head, frozen, lr, steps, threshold):
         x, y = _batch(8, g)
         model.train()
         if head == "eomt":
-            out = model(x, attn_probs=mask_annealing_probs(step / steps, model.head.num_blocks), deep_supervision=True)
+            windows = anneal_windows(model.head.num_blocks, round(steps * 5 / 6))
+            out = model(x, attn_probs=mask_annealing_probs(step, windows), deep_supervision=True)
             loss = crit(out, y)["loss"]
         else:
             loss = torch.nn.functional.cross_entropy(model(x), y)

@@ -53,8 +53,13 @@ class EoMTConfig(Schema):
 
     num_queries: int = Field(100, ge=1)
     num_blocks: int | None = Field(None, ge=1)  # L2; None: 3 for S/B (depth <= 12), 4 for L (24), 5 for g (40)
+    # true: masks annealed away (then inference is a plain ViT); false: masks on in every step and at inference
     mask_annealing: bool = True
-    anneal_power: float = 0.9
+    # annealing length, in completed optimiser steps or in epochs (x steps per epoch), one at most; neither:
+    # 5/6 of train.epochs (official EoMT). Early stopping and the best epoch count only from its end on.
+    anneal_steps: int | None = Field(None, ge=1)
+    anneal_epochs: float | None = Field(None, gt=0)
+    anneal_power: float = Field(0.9, gt=0)
     num_points: int = Field(12544, ge=16)
     oversample_ratio: float = Field(3.0, ge=1.0)
     importance_ratio: float = Field(0.75, ge=0.0, le=1.0)
@@ -122,6 +127,17 @@ class SegConfig(Schema):
     save_predictions: bool = True  # predicted masks of the test folds under predictions/masks
     seed: int = 0
     out: str = "runs/seg"
+
+    @model_validator(mode="after")
+    def _check(self) -> SegConfig:
+        e = self.eomt
+        if e.anneal_steps is not None and e.anneal_epochs is not None:
+            raise ValueError("eomt.anneal_steps and eomt.anneal_epochs exclude each other (the annealing length)")
+        annealing = self.head == "eomt" and e.mask_annealing
+        if annealing and e.anneal_epochs is not None and e.anneal_epochs > self.train.epochs:
+            raise ValueError(f"eomt.anneal_epochs={e.anneal_epochs:g} is longer than the run (train.epochs="
+                             f"{self.train.epochs}): the kept model must be one trained past the annealing")
+        return self
 
 
 class SegPredictConfig(Schema):

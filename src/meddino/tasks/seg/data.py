@@ -85,6 +85,11 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, ignore_index
     return x, y
 
 
+def num_frames(cases: Sequence[SegCase]) -> int:
+    """How many frames :class:`FrameDataset` serves for ``cases`` (a volume's slices read from its header)."""
+    return sum(volume_shape(c.image)[0] if c.kind == "volume" else 1 for c in cases)
+
+
 class FrameDataset(torch.utils.data.Dataset):
     """Training / validation frames: every 2-D image, every slice of every volume (read once, cached)."""
 

@@ -13,8 +13,10 @@ Written from the facts in shared/reference/downstream.md:
 - Masked attention: before each of the L2 blocks a prediction is made from the current tokens; a query
   may attend to the patches inside its predicted mask only (mask logits resized to the patch grid,
   ``> 0``). Queries always see each other and the prefix tokens, so no attention row is ever empty. Each
-  sample keeps the mask of block ``i`` with probability ``p_i`` (:func:`mask_annealing_probs`); once
-  every ``p_i`` is 0 the forward pass is a plain ViT plus heads, which is what inference runs.
+  query of each sample keeps its mask in block ``i`` with probability ``p_i``: mask annealing
+  (:func:`anneal_windows`, :func:`mask_annealing_probs`, in completed optimiser steps) takes every ``p_i``
+  from 1 to 0, after which the forward pass is a plain ViT plus heads, which is what inference runs.
+  Without annealing every mask stays on, in training and at inference (``masked_inference``).
 - Every intermediate prediction and the final one are supervised (deep supervision).
 
 The loss (:class:`MaskClassificationLoss`) follows Mask2Former: Hungarian matching (scipy
@@ -59,24 +61,40 @@ def resolve_num_blocks(depth: int, num_blocks: int | None) -> int:
     return resolved
 
 
-def mask_annealing_probs(progress: float, num_blocks: int, power: float = 0.9) -> list[float]:
-    """Probability that each of the L2 masked blocks keeps its attention mask at training ``progress``.
+#: The fraction of a planned run official EoMT anneals over when no length is given: every official
+#: (DINOv2) config ends the last block's window at 5/6 of its steps and trains the last sixth unmasked.
+DEFAULT_ANNEAL_FRACTION = 5 / 6
 
-    Training is split into ``L2 + 2`` equal phases. Phase 0: every block masks (p = 1). Block ``i`` anneals
-    during phase ``i + 1``: ``p = (1 - t)^power`` with ``t`` the fraction of that phase done; afterwards
-    ``p = 0``. The last phase trains with no masking at all, matching inference.
+
+def anneal_windows(num_blocks: int, end: int) -> list[tuple[int, int]]:
+    """Per masked block, the (start, end) completed steps of its annealing, in official EoMT's layout.
+
+    Official EoMT takes these as lists in its configs; all of its DINOv2 configs follow one rule, written
+    here with ``u = end / 5``: every mask is kept for the first ``u`` steps; block ``i``'s window is ``u``
+    long and the windows' starts are evenly spaced from ``u`` to ``4u``, so the last ends at ``end``
+    (L2 = 4: [u, 2u], [2u, 3u], [3u, 4u], [4u, 5u]; L2 = 3: starts u, 2.5u, 4u; L2 = 5: u, 1.75u, ..., 4u,
+    overlapping). One masked block (not an official case) anneals over [u, end].
     """
-    progress = min(max(float(progress), 0.0), 1.0)
-    phases = num_blocks + 2
+    if num_blocks < 1 or end < 1:
+        raise ValueError(f"anneal_windows needs num_blocks >= 1 and end >= 1, got {num_blocks}, {end}")
+    if num_blocks == 1:
+        return [(round(end / 5), end)]
+    spread = 3 / (num_blocks - 1)
+    return [(round(end * (1 + spread * i) / 5), round(end * (2 + spread * i) / 5)) for i in range(num_blocks)]
+
+
+def mask_annealing_probs(step: int, windows: Sequence[tuple[int, int]], power: float = 0.9) -> list[float]:
+    """Probability that each masked block keeps a query's attention mask after ``step`` completed
+    optimiser steps: 1 before its window, 0 from its end on, ``(1 - t)^power`` in between (``t`` the
+    fraction of the window done) -- official EoMT's ``mask_annealing`` (its power is the lr's poly 0.9)."""
     probs = []
-    for i in range(num_blocks):
-        start, end = (i + 1) / phases, (i + 2) / phases
-        if progress < start:
+    for start, end in windows:
+        if step < start:
             probs.append(1.0)
-        elif progress >= end:
+        elif step >= end:
             probs.append(0.0)
         else:
-            probs.append((1.0 - (progress - start) / (end - start)) ** power)
+            probs.append((1.0 - (step - start) / (end - start)) ** power)
     return probs
 
 
@@ -109,12 +127,20 @@ class ScaleBlock(nn.Module):
 
 class EoMT(nn.Module):
     """Queries, class/mask heads and pixel upsampling; the backbone is passed at call time (it is owned by
-    the surrounding :class:`~meddino.tasks.seg.heads.SegmentationModel`)."""
+    the surrounding :class:`~meddino.tasks.seg.heads.SegmentationModel`).
 
-    def __init__(self, backbone: nn.Module, num_classes: int, num_queries: int = 100, num_blocks: int | None = None):
+    ``masked_inference``: a forward pass without ``attn_probs`` (validation, test, predict) keeps every
+    mask. That is masked attention without annealing (``eomt.mask_annealing=false``): official EoMT then
+    leaves its mask probabilities at 1, and its inference reads the same probabilities, so it masks too.
+    Otherwise inference is the plain ViT pass that annealing ends with.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, num_queries: int = 100, num_blocks: int | None = None,
+                 masked_inference: bool = False):
         super().__init__()
         depth, dim = int(backbone.depth), int(backbone.embed_dim)
         self.num_blocks = resolve_num_blocks(depth, num_blocks)
+        self.masked_inference = bool(masked_inference)
         self.num_queries, self.num_classes = int(num_queries), int(num_classes)
         self.queries = nn.Embedding(self.num_queries, dim)
         self.class_head = nn.Linear(dim, num_classes + 1)
@@ -132,18 +158,21 @@ class EoMT(nn.Module):
 
     def _attn_mask(self, mask_logits: torch.Tensor, grid: tuple[int, int], num_tokens: int, prefix: int,
                    keep: torch.Tensor) -> torch.Tensor:
-        """Boolean [B, 1, T, T] (True = may attend): query rows see patch columns inside their mask only."""
+        """Boolean [B, 1, T, T] (True = may attend): query rows see patch columns inside their mask only.
+        ``keep`` [B, Q]: which queries keep their mask (a dropped one sees every patch), drawn per sample and
+        query as official EoMT does."""
         b, q = mask_logits.shape[:2]
         inside = F.interpolate(mask_logits.detach().float(), size=grid, mode="bilinear", align_corners=False) > 0
-        inside = inside.flatten(2) | ~keep.view(b, 1, 1)
+        inside = inside.flatten(2) | ~keep.view(b, q, 1)
         allowed = torch.ones(b, 1, num_tokens, num_tokens, dtype=torch.bool, device=mask_logits.device)
         allowed[:, 0, :q, q + prefix :] = inside
         return allowed
 
     def forward(self, backbone: nn.Module, x: torch.Tensor, frozen: bool = False,
                 attn_probs: Sequence[float] | None = None, deep_supervision: bool = False) -> dict[str, Any]:
-        """``attn_probs``: per masked block, the probability of keeping its mask (None: no masking).
-        ``deep_supervision``: also return the prediction made before each masked block (``aux``)."""
+        """``attn_probs``: per masked block, the probability that a query keeps its mask (None: inference,
+        every mask kept with ``masked_inference``, none otherwise). ``deep_supervision``: also return the
+        prediction made before each masked block (``aux``)."""
         tokens, rope, grid = backbone.prepare_tokens(x)
         start = backbone.depth - self.num_blocks
         if frozen:
@@ -156,7 +185,9 @@ class EoMT(nn.Module):
         tokens = torch.cat([queries, tokens], dim=1)
         prefix = int(backbone.num_prefix_tokens)
         aux: list[dict[str, torch.Tensor]] = []
-        probs = list(attn_probs) if attn_probs is not None else [0.0] * self.num_blocks
+        if attn_probs is None:
+            attn_probs = [1.0 if self.masked_inference else 0.0] * self.num_blocks
+        probs = list(attn_probs)
         if len(probs) != self.num_blocks:
             raise ValueError(f"attn_probs needs {self.num_blocks} values, got {len(probs)}")
         for i in range(self.num_blocks):
@@ -166,7 +197,7 @@ class EoMT(nn.Module):
                 if deep_supervision:
                     aux.append({"pred_masks": mask_logits, "pred_logits": class_logits})
                 if probs[i] > 0:
-                    keep = torch.rand(b, device=x.device) < probs[i]
+                    keep = torch.rand(b, self.num_queries, device=x.device) < probs[i]
                     attn_mask = self._attn_mask(mask_logits, grid, tokens.shape[1], prefix, keep)
             tokens = backbone.run_blocks(tokens, rope, start + i, start + i + 1,
                                          extra_prefix=self.num_queries, attn_mask=attn_mask)
@@ -175,7 +206,8 @@ class EoMT(nn.Module):
 
     @torch.no_grad()
     def semantic_scores(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W]: ``sum_q sigmoid(mask_q) * softmax(class_q)[:C]`` at the input size (plain ViT pass)."""
+        """[B, C, H, W]: ``sum_q sigmoid(mask_q) * softmax(class_q)[:C]`` at the input size (the inference pass:
+        plain ViT, or masked with ``masked_inference``)."""
         out = self.forward(backbone, x)
         return semantic_map_scores(out["pred_masks"], out["pred_logits"], tuple(x.shape[-2:]))
 

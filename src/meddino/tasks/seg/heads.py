@@ -201,7 +201,9 @@ def _build_eomt(backbone: nn.Module, num_classes: int, cfg: EoMTConfig) -> tuple
     _check_eomt(backbone, cfg)
     # the backbone is registered once (SegmentationModel.backbone); EoMT holds only its own parameters and
     # receives the backbone at call time
-    return EoMT(backbone, num_classes, num_queries=cfg.num_queries, num_blocks=cfg.num_blocks), None
+    # masked attention without annealing keeps its masks at inference too (official EoMT)
+    return EoMT(backbone, num_classes, num_queries=cfg.num_queries, num_blocks=cfg.num_blocks,
+                masked_inference=not cfg.mask_annealing), None
 
 
 def _eomt_criterion(num_classes: int, ignore_index: int, cfg: EoMTConfig) -> nn.Module:
@@ -212,7 +214,9 @@ def _eomt_criterion(num_classes: int, ignore_index: int, cfg: EoMTConfig) -> nn.
 
 
 def _eomt_record(head: nn.Module, cfg: EoMTConfig) -> dict[str, Any]:
-    return {**cfg.model_dump(), "num_blocks": head.num_blocks}  # L2 as resolved for this backbone
+    # L2 as resolved for this backbone, and (for readers; rebuilt from mask_annealing) how inference attends
+    return {**cfg.model_dump(), "num_blocks": head.num_blocks,
+            "inference": "masked" if head.masked_inference else "plain"}
 
 
 def _build_monai(_backbone: None, num_classes: int, channels: Sequence[int]) -> tuple[nn.Module, None]:

@@ -13,12 +13,13 @@ Training (seed 000 / seed 001):
   ends the run with :class:`meddino.errors.TrainingDiverged` (one line, exit code 2).
 - Augmentation: horizontal flip, vertical flip, rotation, p 0.5 each (:func:`.data.augment`).
 - Linear / U-Net / MONAI U-Net: per-pixel cross-entropy with ``ignore_index``. EoMT: the Mask2Former loss
-  (:class:`.eomt.MaskClassificationLoss`) with deep supervision and mask annealing over the planned training
-  steps (``epochs x steps per epoch``); two-stage warm-up: the heads train alone for
-  ``eomt.head_warmup_steps`` (encoder lr 0), then the encoder lr ramps up linearly over
-  ``eomt.backbone_warmup_steps``. Validation and test always run the plain (unmasked) forward pass, so if
-  early stopping ends training before the annealing has finished, the kept model is still the one that
-  performs best as a plain ViT.
+  (:class:`.eomt.MaskClassificationLoss`) with deep supervision; two-stage warm-up: the heads train alone
+  for ``eomt.head_warmup_steps`` (encoder lr 0), then the encoder lr ramps up linearly over
+  ``eomt.backbone_warmup_steps``. Mask annealing runs on completed optimiser steps over its own length
+  (:func:`anneal_end`: ``eomt.anneal_steps``, ``eomt.anneal_epochs`` or 5/6 of ``train.epochs``), and
+  only epochs ending once it is over count for the best epoch and for early stopping: the kept model is one
+  that runs without masks, as EoMT infers. A run too short to finish it is refused before any training
+  (:func:`check_annealing`). ``eomt.mask_annealing=false`` keeps every mask on, in training and at inference.
 
 Evaluation: the test patients' images (2-D) or volumes (slices predicted and stacked) at native resolution,
 :func:`meddino.metrics.segmentation.per_class_seg_metrics` per image / volume (HD95 in pixels for 2-D
@@ -50,8 +51,8 @@ from meddino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from meddino.runlog import Progress, RunDir, atomic_write, write_json
 from meddino.tasks.loop import BestSnapshot, EarlyStopping, PlateauScale, backbone_warmup, check_finite
 from meddino.tasks.seg.config import SegConfig
-from meddino.tasks.seg.data import FrameDataset, load_seg_data
-from meddino.tasks.seg.eomt import mask_annealing_probs
+from meddino.tasks.seg.data import FrameDataset, load_seg_data, num_frames
+from meddino.tasks.seg.eomt import DEFAULT_ANNEAL_FRACTION, anneal_windows, mask_annealing_probs
 from meddino.tasks.seg.folds import make_folds
 from meddino.tasks.seg.heads import SegmentationModel, head_spec
 from meddino.tasks.seg.predict import (
@@ -139,7 +140,7 @@ def train_fold(cfg: SegConfig, data: SegData, fold: Any, run: Any, device: torch
     tc = cfg.train
     train_ds, val_ds, loader, val_loader = _fold_loaders(cfg, data, fold, size, mean, std, fold_seed)
     opt = _optimizer(model, cfg)
-    steps_per_epoch = len(loader) if tc.max_steps_per_epoch is None else min(len(loader), tc.max_steps_per_epoch)
+    steps_per_epoch = epoch_steps(len(train_ds), tc)
     total_steps = max(1, tc.epochs * steps_per_epoch)
     amp = tc.amp and device.type == "cuda"
     spec = head_spec(cfg.head)
@@ -147,8 +148,10 @@ def train_fold(cfg: SegConfig, data: SegData, fold: Any, run: Any, device: torch
     if spec.criterion is not None:
         criterion = spec.criterion(data.num_classes, data.ignore_index, spec.options(cfg)).to(device)
     plateau = PlateauScale(tc.plateau_patience, tc.plateau_factor)
+    end = anneal_end(cfg, steps_per_epoch, fold.index)
+    windows = anneal_windows(model.head.num_blocks, end) if end is not None else None
     loop = _Loop(cfg, model, opt, loader, criterion, spec.mask_classification, plateau, device, amp,
-                 data.ignore_index, fold.index, steps_per_epoch, total_steps)
+                 data.ignore_index, fold.index, steps_per_epoch, windows)
     # strictly higher val Dice than the best so far (-inf to start: epoch 0 always counts, its Dice is never
     # NaN); a tie keeps the earlier epoch; stop after train.early_stop epochs without improvement
     best = BestSnapshot("max", start=-math.inf)
@@ -162,16 +165,63 @@ def train_fold(cfg: SegConfig, data: SegData, fold: Any, run: Any, device: torch
             losses, step = _train_epoch(loop, epoch, step, bar)
             val_dice = validate(model, val_loader, data.num_classes, data.ignore_index, device, amp) if len(val_ds) else 0.0
             lrs = {f"lr_{g['kind']}": g["lr"] for g in opt.param_groups}
+            masks = {f"mask_prob_{i}": q for i, q in enumerate(loop.mask_probs(step))} if loop.eomt else {}
             run.log(step, fold=fold.index, epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),
-                    val_dice=val_dice, **lrs)
-            improved = best.update(val_dice, epoch, model)
+                    val_dice=val_dice, **lrs, **masks)
+            # while masks are still being annealed away, no epoch may be kept nor count towards early stopping
+            annealed = end is None or step >= end
+            improved = annealed and best.update(val_dice, epoch, model)
             plateau.step(val_dice)
-            if stop.step(improved):
+            if annealed and stop.step(improved):
                 break
     best.restore(model)
     info = {"best_val_dice": best.value, "best_epoch": best.epoch, "epochs_run": epoch + 1, "steps": step,
             "train_seconds": round(time.perf_counter() - t0, 2)}
+    if end is not None:
+        info["anneal_end_step"] = end
     return model, info, size, mean, std
+
+
+def epoch_steps(n_frames: int, tc: Any) -> int:
+    """Optimiser steps per epoch for ``n_frames`` training frames: the batches of :func:`_fold_loaders`'
+    loader (the last partial batch dropped when there is more than one), capped by
+    ``train.max_steps_per_epoch``."""
+    batches = n_frames // tc.batch_size if n_frames > tc.batch_size else 1
+    return batches if tc.max_steps_per_epoch is None else min(batches, tc.max_steps_per_epoch)
+
+
+def anneal_end(cfg: SegConfig, steps_per_epoch: int, fold: int) -> int | None:
+    """The completed optimiser step at which EoMT's mask annealing ends (None: no annealing, this head or
+    ``eomt.mask_annealing=false``); a run of ``train.epochs`` that ends before it is a ConfigError.
+
+    Its length is its own (``eomt.anneal_steps``, ``eomt.anneal_epochs`` x steps per epoch, else official
+    EoMT's 5/6 of the planned steps), so it does not move with early stopping, which it holds off instead.
+    """
+    e, epochs = cfg.eomt, cfg.train.epochs
+    if not (head_spec(cfg.head).mask_classification and e.mask_annealing):
+        return None
+    run_steps = epochs * steps_per_epoch
+    if e.anneal_steps is not None:
+        end, how = e.anneal_steps, f"eomt.anneal_steps={e.anneal_steps}"
+    elif e.anneal_epochs is not None:
+        end = max(1, round(e.anneal_epochs * steps_per_epoch))
+        how = f"eomt.anneal_epochs={e.anneal_epochs:g} x {steps_per_epoch} per epoch"
+    else:
+        return max(1, round(DEFAULT_ANNEAL_FRACTION * run_steps))
+    if end > run_steps:
+        raise ConfigError(f"fold {fold}: EoMT mask annealing needs {end} optimiser steps ({how}), the run has "
+                          f"{run_steps} (train.epochs={epochs} x {steps_per_epoch} per epoch); raise "
+                          "train.epochs or shorten the annealing, else the kept model would still be masked")
+    return end
+
+
+def check_annealing(cfg: SegConfig, data: SegData, folds: list[Any]) -> None:
+    """:func:`anneal_end` for every fold, before the first one trains (a fold's steps per epoch follow
+    its training frames)."""
+    for fold in folds:
+        n = num_frames(_cases(data, fold.train))
+        if n:  # no training frames: the fold's DataError says so when it starts
+            anneal_end(cfg, epoch_steps(n, cfg.train), fold.index)
 
 
 def _fold_loaders(cfg: SegConfig, data: SegData, fold: Any, size: tuple[int, int], mean: tuple, std: tuple,
@@ -220,7 +270,13 @@ class _Loop:
     ignore_index: int
     fold: int
     steps_per_epoch: int
-    total_steps: int
+    anneal: list[tuple[int, int]] | None  # EoMT: each masked block's annealing window; None: masks stay on
+
+    def mask_probs(self, step: int) -> list[float]:
+        """EoMT's per-block mask probabilities for the step after ``step`` completed ones."""
+        if self.anneal is None:
+            return [1.0] * self.model.head.num_blocks
+        return mask_annealing_probs(step, self.anneal, self.cfg.eomt.anneal_power)
 
 
 def _train_epoch(loop: _Loop, epoch: int, step: int, bar: Progress) -> tuple[list[float], int]:
@@ -238,9 +294,7 @@ def _train_epoch(loop: _Loop, epoch: int, step: int, bar: Progress) -> tuple[lis
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, enabled=loop.amp):
             if loop.eomt:
-                probs = (mask_annealing_probs(step / loop.total_steps, model.head.num_blocks, cfg.eomt.anneal_power)
-                         if cfg.eomt.mask_annealing else None)
-                out = model(x, attn_probs=probs, deep_supervision=True)
+                out = model(x, attn_probs=loop.mask_probs(step), deep_supervision=True)
             else:
                 out = model(x)
         if loop.eomt:
@@ -306,6 +360,7 @@ def run_eval_seg(cfg: SegConfig) -> int:
     data = load_seg_data(cfg.data, check=False)  # cases and classes only
     check_model(cfg)  # backbone, head and input size are checked before the slow mask scan
     folds = make_folds(data, cfg.data, cfg.seed)  # and so are the split and folds (no patient on two sides)
+    check_annealing(cfg, data, folds)  # and whether every fold's run is long enough to finish EoMT's annealing
     scan(data)
     run = RunDir(cfg.out, cfg, tensorboard=False)
     amp = cfg.train.amp and device.type == "cuda"
