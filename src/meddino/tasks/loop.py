@@ -107,16 +107,22 @@ def check_finite(loss: torch.Tensor | float, where: str, **at: object) -> float:
 
 
 class PlateauScale:
-    """Multiplicative lr scale, reduced exactly as ``torch.optim.lr_scheduler.ReduceLROnPlateau(mode="max",
-    factor, patience, threshold=0, cooldown=0)`` would: after more than ``patience`` consecutive epochs
-    without improvement the scale is multiplied by ``factor`` and the count restarts."""
+    """Multiplicative lr scale, reduced exactly as ``torch.optim.lr_scheduler.ReduceLROnPlateau(mode, factor,
+    patience, threshold=0, cooldown=0)`` would: after more than ``patience`` consecutive epochs without a
+    strictly better value (higher for ``mode="max"``, e.g. a validation Dice; lower for ``mode="min"``, e.g.
+    seed 000's validation loss) the scale is multiplied by ``factor`` and the count restarts. A NaN is never
+    better, so it counts as an epoch without improvement."""
 
-    def __init__(self, patience: int, factor: float = 0.5):
-        self.patience, self.factor = patience, factor
-        self.scale, self.best, self.bad = 1.0, -math.inf, 0
+    def __init__(self, patience: int, factor: float = 0.5, mode: Mode = "max"):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode: expected 'max' or 'min', got {mode!r}")
+        self.patience, self.factor, self.mode = patience, factor, mode
+        self.scale, self.bad = 1.0, 0
+        self.best = -math.inf if mode == "max" else math.inf
 
     def step(self, value: float) -> float:
-        if value > self.best:
+        better = value > self.best if self.mode == "max" else value < self.best
+        if better:
             self.best, self.bad = value, 0
         else:
             self.bad += 1
