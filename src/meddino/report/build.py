@@ -336,6 +336,11 @@ def _figure(rep: Report, name: str, fn: Any, *args: Any) -> None:
 
 
 def _unit_of(r: EvalRun) -> str:
+    """What a run's metric ``values`` are per: segmentation's ``std_over`` (patients, or seed000's folds,
+    few-shot's draws), videos for phase, folds for classification."""
+    over = r.results.get("std_over") if r.task == "segmentation" else None
+    if isinstance(over, str) and over.endswith("s"):
+        return over[:-1]
     return {"segmentation": "patient", "phase": "video"}.get(r.task, "fold")
 
 

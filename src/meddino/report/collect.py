@@ -225,6 +225,8 @@ def read_eval_run(path: Path) -> EvalRun:
     protocol = results.get("protocol") or task
     if task == "phase" and str(protocol).startswith("seed 000"):
         protocol = "mstcn"
+    if task == "segmentation" and results.get("data_protocol") not in (None, "cv"):
+        protocol = f"{protocol}-{results['data_protocol']}"  # eomt-seed000, unet-fewshot: not duplicates of cv
     level = results.get("level") or {"phase": "video", "segmentation": "patient"}.get(task, "fold")
     return EvalRun(
         path=path,
