@@ -17,6 +17,10 @@ class SegDataConfig(Schema):
     """Where the image/mask pairs come from and how they are split."""
 
     layout: Literal["manifest", "cholecseg8k", "msd"] = "manifest"
+    # cv: k-fold CV, every patient tested once; seed000: a fixed test set + data.folds train/val folds of the
+    # other patients, every fold's model tested on it; fewshot: seed 001's 1..16 training images (fewshot.*)
+    protocol: Literal["cv", "seed000", "fewshot"] = "cv"
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # seed000 / fewshot: patients in the drawn fixed test set
     manifest: str | None = None  # CSV with image, mask, patient (and optional split) columns
     root: str | None = None  # folder of the cholecseg8k / msd layouts
     classes: list[str] | None = None  # class names, index = position (manifest layout; msd: from dataset.json)
@@ -45,6 +49,12 @@ class SegDataConfig(Schema):
             raise ValueError("data.split_column / data.fold_column need the manifest layout")
         if not 0 <= self.ignore_index <= 255:
             raise ValueError("data.ignore_index must be in 0..255 (masks are 8-bit)")
+        if self.protocol != "cv" and self.fold_column:
+            raise ValueError(f"data.fold_column gives the folds of data.protocol=cv; data.protocol={self.protocol} "
+                             "draws its own around a fixed test set (its test rows: data.split_column)")
+        if self.protocol == "fewshot" and self.run_folds is not None:
+            raise ValueError("data.run_folds selects folds; data.protocol=fewshot has draws (fewshot.shots, "
+                             "fewshot.draws)")
         return self
 
 
@@ -95,6 +105,7 @@ class SegTrainConfig(Schema):
     weight_decay: float = Field(0.05, ge=0)
     plateau_patience: int = Field(10, ge=1)  # epochs without val improvement before the lr is halved
     plateau_factor: float = Field(0.5, gt=0, lt=1)
+    plateau_monitor: Literal["dice", "val_loss"] = "dice"  # what the plateau watches (seed 000: val_loss)
     early_stop: int = Field(15, ge=1)  # epochs without val improvement before stopping
     augment: bool = True  # flips + rotations, p 0.5 each (seed 000)
     rotation_degrees: float = Field(30.0, ge=0, le=180)  # rotation angle range (+/-)
@@ -102,6 +113,20 @@ class SegTrainConfig(Schema):
     num_workers: int = Field(0, ge=0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA
+
+
+class SegFewshotConfig(Schema):
+    """``data.protocol=fewshot`` (seed 001): train on ``shots`` images, ``draws`` seeded draws per count."""
+
+    shots: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
+    draws: int = Field(5, ge=1)
+    primary_shots: int | None = None  # headline N in results.json (default: the largest N that could be drawn)
+
+    @model_validator(mode="after")
+    def _check(self) -> SegFewshotConfig:
+        if not self.shots or min(self.shots) < 1:
+            raise ValueError("fewshot.shots: give a list of positive integers")
+        return self
 
 
 class SegMetricsConfig(Schema):
@@ -123,6 +148,7 @@ class SegConfig(Schema):
     data: SegDataConfig
     train: SegTrainConfig = Field(default_factory=SegTrainConfig)
     metrics: SegMetricsConfig = Field(default_factory=SegMetricsConfig)
+    fewshot: SegFewshotConfig = Field(default_factory=SegFewshotConfig)
     dataset_name: str | None = None  # display name (default: layout + folder / manifest name)
     save_predictions: bool = True  # predicted masks of the test folds under predictions/masks
     seed: int = 0

@@ -1,8 +1,15 @@
-"""Patient-level folds of ``meddino eval seg``: the manifest's split or fold column, else k-fold CV.
+"""Patient-level folds of ``meddino eval seg`` under ``data.protocol``.
 
-Every patient is tested exactly once; each fold's training patients lose ``data.val_fraction`` of
-themselves to a validation set for model selection. Kept apart from the layouts
-(:mod:`meddino.data.seg_layouts`), which know files, and from the torch dataset (:mod:`.data`).
+- ``cv``: the manifest's split or fold column, else k-fold CV. Every patient is tested exactly once; each
+  fold's training patients lose ``data.val_fraction`` of themselves to a validation set for model selection.
+- ``seed000`` (seed 000's segmentation protocol): one fixed test set (:func:`fixed_test`), and ``data.folds``
+  patient-level folds of the other patients, fold k validating on the k-th fifth and training on the rest
+  (80/20); every fold tests the same patients.
+- ``fewshot`` uses :func:`fixed_test` too; its draws are in :mod:`.fewshot`.
+
+Every fold built here, whatever its source, goes through :func:`meddino.data.splits.check_no_leak`. Kept
+apart from the layouts (:mod:`meddino.data.seg_layouts`), which know files, and from the torch dataset
+(:mod:`.data`).
 """
 
 from __future__ import annotations
@@ -41,16 +48,49 @@ def patient_folds(patients: Sequence[str], k: int, seed: int) -> list[list[str]]
     return [[p for p, f in zip(ids, fold) if f == i] for i in range(k)]
 
 
+def hold_out(ids: Sequence[str], fraction: float, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """(kept, held out): ``ceil(fraction * n)`` of the sorted patients, at least one, drawn by ``rng``'s
+    permutation; at least one is kept. Needs two patients or more."""
+    ids = sorted(ids)
+    n_out = min(max(1, math.ceil(fraction * len(ids))), len(ids) - 1)
+    out = set(ids[j] for j in rng.permutation(len(ids))[:n_out])
+    return [p for p in ids if p not in out], sorted(out)
+
+
 def split_val(train: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Hold out ``ceil(fraction * n)`` training patients for model selection (at least one patient stays
-    for training; with a single training patient, validation uses the training patient itself)."""
+    for training; with a single training patient, validation uses the training patient itself).
+    ``fraction`` 0: no validation set (the fold keeps its last epoch)."""
     ids = sorted(train)
-    if fraction <= 0 or len(ids) < 2:
+    if fraction <= 0:
+        return ids, []
+    if len(ids) < 2:
         return ids, list(ids)
-    n_val = min(max(1, math.ceil(fraction * len(ids))), len(ids) - 1)
-    order = np.random.default_rng(seed).permutation(len(ids))
-    val = sorted(ids[j] for j in order[:n_val])
-    return [p for p in ids if p not in set(val)], val
+    return hold_out(ids, fraction, np.random.default_rng(seed))
+
+
+def fixed_test(data: SegData, cfg: SegDataConfig, seed: int) -> tuple[list[str], list[str]]:
+    """(pool, test): the fixed test patients of ``data.protocol=seed000|fewshot`` and the others.
+
+    With ``data.split_column`` the test rows are the test set and the train and val rows together the pool
+    (the protocol draws its own validation folds); else ``ceil(data.test_fraction * patients)`` patients,
+    at least one, drawn with ``seed`` (:func:`hold_out`), at least one left in the pool."""
+    if cfg.split_column:
+        _check_column(data, cfg.split_column, "split_column", ("train", "val", "test"), cfg.manifest)
+        test = sorted({c.patient for c in data.cases if c.split == "test"})
+        pool = sorted({c.patient for c in data.cases if c.split in ("train", "val")})
+        where = f"data.split_column '{cfg.split_column}' in {cfg.manifest}"
+        if not test or not pool:
+            raise DataError(f"{where}: data.protocol={cfg.protocol} needs test rows (the fixed test set) and "
+                            "train or val rows")
+    else:
+        ids = sorted(data.patients)
+        if len(ids) < 2:
+            raise DataError(f"{len(ids)} patient(s): data.protocol={cfg.protocol} needs at least two (test + train)")
+        pool, test = hold_out(ids, cfg.test_fraction, np.random.default_rng([seed, 1]))
+        where = f"data.test_fraction {cfg.test_fraction} of data.protocol={cfg.protocol}"
+    check_no_leak({"train": pool, "test": test}, where=where)
+    return pool, test
 
 
 def _check_column(data: SegData, column: str, key: str, sides: Sequence[str], manifest: str | None) -> None:
@@ -60,7 +100,45 @@ def _check_column(data: SegData, column: str, key: str, sides: Sequence[str], ma
                   where=f"data.{key} '{column}' in {manifest}", name_of=lambda s, j: cases[s][j].id)
 
 
+def seed000_folds(data: SegData, cfg: SegDataConfig, seed: int) -> list[Fold]:
+    """Seed 000: the fixed test set (:func:`fixed_test`) and ``data.folds`` patient-level folds of the pool;
+    fold k validates on the k-th of the pool's :func:`patient_folds` (disjoint, together the whole pool) and
+    trains on the rest. ``data.val_fraction`` is not used."""
+    pool, test = fixed_test(data, cfg, seed)
+    if len(pool) < cfg.folds:
+        raise DataError(f"{len(pool)} patient(s) left beside the {len(test)} test patient(s) cannot make "
+                        f"{cfg.folds} folds (lower data.folds or data.test_fraction)")
+    vals = patient_folds(pool, cfg.folds, seed)
+    folds = [Fold(i, [p for p in pool if p not in set(val)], val, test) for i, val in enumerate(vals)]
+    check_no_leak({f"val of fold {i}": v for i, v in enumerate(vals)}, where="data.protocol=seed000")
+    return folds
+
+
+def _check_folds(folds: Sequence[Fold], protocol: str) -> None:
+    """No patient on two sides of any fold (:func:`check_no_leak`, whatever built the fold); a fold whose
+    single training patient validates on itself (:func:`split_val`) is checked as train + test."""
+    for f in folds:
+        sides = {"train": f.train, "val": f.val, "test": f.test}
+        if f.val == f.train:
+            del sides["val"]
+        check_no_leak(sides, where=f"fold {f.index} of data.protocol={protocol}")
+
+
 def make_folds(data: SegData, cfg: SegDataConfig, seed: int) -> list[Fold]:
+    """The folds of ``data.protocol`` (``fewshot`` has none: see :mod:`.fewshot`), ``data.run_folds`` kept."""
+    if cfg.protocol == "fewshot":
+        raise ConfigError("data.protocol=fewshot has draws, not folds")
+    folds = seed000_folds(data, cfg, seed) if cfg.protocol == "seed000" else _cv_folds(data, cfg, seed)
+    _check_folds(folds, cfg.protocol)
+    if cfg.run_folds is not None:
+        bad = [f for f in cfg.run_folds if not 0 <= f < len(folds)]
+        if bad:
+            raise ConfigError(f"data.run_folds: fold {bad[0]} out of range 0..{len(folds) - 1}")
+        folds = [f for f in folds if f.index in set(cfg.run_folds)]
+    return folds
+
+
+def _cv_folds(data: SegData, cfg: SegDataConfig, seed: int) -> list[Fold]:
     """Folds from the manifest's split or fold column if given (a patient on two sides of either is refused),
     else patient-level k-fold CV."""
     if cfg.split_column:
@@ -87,9 +165,4 @@ def make_folds(data: SegData, cfg: SegDataConfig, seed: int) -> list[Fold]:
         rest = [p for p in data.patients if p not in set(test)]
         train, val = split_val(rest, cfg.val_fraction, seed + i)
         folds.append(Fold(i, train, val, test))
-    if cfg.run_folds is not None:
-        bad = [f for f in cfg.run_folds if not 0 <= f < len(folds)]
-        if bad:
-            raise ConfigError(f"data.run_folds: fold {bad[0]} out of range 0..{len(folds) - 1}")
-        folds = [f for f in folds if f.index in set(cfg.run_folds)]
     return folds
