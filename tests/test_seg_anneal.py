@@ -61,9 +61,9 @@ def _spy_forward(monkeypatch):
 def _train(cfg, monkeypatch, val_values=None):
     data = load_seg_data(cfg.data)
     fold = make_folds(data, cfg.data, cfg.seed)[0]
-    if val_values is not None:  # the validation Dice of each epoch, scripted
+    if val_values is not None:  # the validation Dice of each epoch, scripted (validate returns Dice, loss)
         values = iter(val_values)
-        monkeypatch.setattr(seg_train, "validate", lambda *a, **k: next(values))
+        monkeypatch.setattr(seg_train, "validate", lambda *a, **k: (next(values), float("nan")))
     run = _Run()
     model, info, *_ = seg_train.train_fold(cfg, data, fold, run, torch.device("cpu"), 0)
     return model, info, run.rows

@@ -268,7 +268,7 @@ def test_seed000_protocol_end_to_end(cli, tmp_path):
     out = tmp_path / "runs" / "s0"
     r = cli("eval", "seg", "-c", "cholecseg8k_eomt", f"data.root={root}", f"out={out}", "backbone=random:dinov2_tiny",
             "data.image_size=32", "data.test_fraction=0.3", "data.folds=4", "train.epochs=4",
-            "train.max_steps_per_epoch=1", "train.batch_size=4", "train.num_workers=0", "train.device=cpu",
+            "eomt.anneal_epochs=2", "train.max_steps_per_epoch=1", "train.batch_size=4", "train.num_workers=0", "train.device=cpu",
             "train.plateau_patience=1", "eomt.num_queries=4", "eomt.num_points=256", "eomt.head_warmup_steps=0",
             "eomt.backbone_warmup_steps=1", "save_predictions=false")
     assert r.returncode == 0, r.stderr[-2000:]
