@@ -131,3 +131,13 @@ def test_batch_of_garbage_pngs_names_the_files(tmp_path, cli):
     _one_error(_pretrain(cli, tmp_path, f"data.path={folder}"),
                "every image of the batch at iteration 0 was unreadable", "2 files skipped", ".png",
                "cannot identify image file")
+
+
+def test_one_readable_image_and_one_corrupt_dicom_names_the_file_not_koleo(tmp_path, cli):
+    """A batch of 2 with one unreadable file leaves 1 image, too few for KoLeo: the line names the file."""
+    folder = _images(tmp_path / "mixed", n=1)
+    (folder / "y.dcm").write_bytes(b"\0" * 128 + b"DICM" + random.Random(4).randbytes(200))
+    line = _one_error(_pretrain(cli, tmp_path, f"data.path={folder}", "data.batch_size=2"),
+                      "1 readable image left in the batch at iteration 0 and KoLeo needs at least 2",
+                      "1 file skipped", "y.dcm", "method.koleo_weight=0")
+    assert "koleo_loss" not in line

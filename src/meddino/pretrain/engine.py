@@ -329,6 +329,11 @@ class Trainer:
                 if batch["global"] is None:
                     raise DataError(f"data: every image of the batch at iteration {it} was unreadable "
                                     f"({describe_skipped(batch['skipped'], Path(cfg.data.path).expanduser())})")
+                if batch["skipped"] and batch["global"].shape[1] < 2 and (cfg.method.koleo_weight or 0) > 0:
+                    # KoLeo compares each image with its nearest other one: name the files, not the loss
+                    raise DataError(f"data: 1 readable image left in the batch at iteration {it} and KoLeo needs "
+                                    f"at least 2 ({describe_skipped(batch['skipped'], Path(cfg.data.path).expanduser())}"
+                                    "); remove the unreadable files, raise data.batch_size or set method.koleo_weight=0")
                 terms = self.train_step(it, batch)
                 n_log += 1
                 done = it + 1
