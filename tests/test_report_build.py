@@ -592,3 +592,32 @@ def test_models_are_paired_and_ranked_only_within_their_protocol(tmp_path, cli):
     assert "Best mean bootstrap rank (knn): <b>cont [knn]</b>" in page
     assert "Best mean bootstrap rank (linear): <b>cont [linear]</b>" in page
     assert (out / "figures" / "ranks_classification__knn_.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_start_checkpoint_is_iteration_0_of_the_metric_vs_iteration_series(tmp_path, cli):
+    """The same protocol run on the checkpoint the pretraining run started from (its config's init=) is
+    the series' iteration 0, whether that pretraining run is under the report's folder or not."""
+    root = tmp_path / "runs"
+    start = tmp_path / "starts" / "generic.safetensors"
+    start.parent.mkdir()
+    start.write_bytes(b"")
+    pre = root / "pretrain"
+    pre.mkdir(parents=True)
+    (pre / "config.yaml").write_text(f"method: {{version: v2}}\ninit: {start}\n")
+    (pre / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 5.0}) + "\n")
+    for it, dice in ((100, 0.6), (200, 0.7)):
+        make_seg_run(root / f"it{it}", f"ckpt{it}", "d", quality=dice, seed=it, dice_mean=dice,
+                     backbone=str(pre / "checkpoints" / f"teacher_backbone_{it:08d}.safetensors"))
+    make_seg_run(root / "generic", "generic", "d", quality=0.4, seed=3, dice_mean=0.4, backbone=str(start))
+    rep = make_report(ReportConfig(runs=str(root), bootstrap={"samples": 0}))
+    rows = [r for r in rep.tables["iterations"] if r["metric"] == "dice"]
+    assert [(r["iteration"], r["mean"]) for r in rows] == [(0, 0.4), (100, 0.6), (200, 0.7)]
+
+    out = tmp_path / "report"
+    assert cli("report", str(root), f"out={out}", "bootstrap.samples=0").returncode == 0
+    table = _read(out / "tables" / "iterations.csv")
+    assert [r["iteration"] for r in table if r["metric"] == "dice"] == ["0", "100", "200"]
+    # a pretraining run from a random init has no iteration 0
+    (pre / "config.yaml").write_text("method: {version: v2}\ninit: null\n")
+    rep = make_report(ReportConfig(runs=str(root), bootstrap={"samples": 0}))
+    assert [r["iteration"] for r in rep.tables["iterations"] if r["metric"] == "dice"] == [100, 200]

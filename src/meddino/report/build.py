@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from meddino.errors import ConfigError, DataError, UserError
 from meddino.report import stats
@@ -269,8 +270,37 @@ def _ranks(rep: Report) -> None:
                 f"{key}: {len(sample_scores)} metric x dataset, {rep.cfg.bootstrap.samples} resamples")
 
 
+def same_checkpoint(a: str | None, b: str | None) -> bool:
+    """Whether two backbone specs name the same file (paths compared resolved; specs like
+    ``random:dinov2_tiny`` only by their text)."""
+    if not a or not b:
+        return False
+    if a == b:
+        return True
+    try:
+        pa, pb = Path(a).expanduser(), Path(b).expanduser()
+        return pa.resolve() == pb.resolve() or (pa.is_file() and pb.is_file() and pa.samefile(pb))
+    except OSError:
+        return False
+
+
+def pretrain_start(rep: Report, pretrain_run: str) -> str | None:
+    """The ``init=`` checkpoint a pretraining run started from: from the collected run, else from the
+    folder's config.yaml (the run may live outside the report's folder); None for a random init."""
+    folder = Path(pretrain_run).expanduser()
+    config = next((p.config for p in rep.col.pretrain if same_checkpoint(str(p.path), str(folder))), None)
+    if config is None and (folder / "config.yaml").is_file():
+        try:
+            config = yaml.safe_load((folder / "config.yaml").read_text())
+        except Exception:  # noqa: BLE001 - an unreadable config only loses the start point
+            config = None
+    init = config.get("init") if isinstance(config, dict) else None
+    return init if isinstance(init, str) and init else None
+
+
 def _iterations(rep: Report) -> None:
-    """Same protocol run on several checkpoints of one pretraining run -> metric against iteration."""
+    """Same protocol run on several checkpoints of one pretraining run -> metric against iteration, with
+    the run of the same protocol on the checkpoint it started from (``init=``) as iteration 0."""
     series_by_task: dict[str, list[dict[str, Any]]] = {}
     groups: dict[tuple, list[EvalRun]] = {}
     for r in rep.col.evals:
@@ -278,6 +308,13 @@ def _iterations(rep: Report) -> None:
             groups.setdefault((r.task, r.dataset, r.protocol, r.encoder, r.pretrain_run or ""), []).append(r)
     for (task, dataset, protocol, encoder, pre), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         by_iter = {r.iteration: r for r in sorted(runs, key=lambda r: r.mtime)}
+        start = pretrain_start(rep, pre) if pre and 0 not in by_iter else None
+        if start is not None:
+            at_start = [r for r in sorted(rep.col.evals, key=lambda r: r.mtime)
+                        if (r.task, r.dataset, r.protocol, r.encoder) == (task, dataset, protocol, encoder)
+                        and same_checkpoint(r.checkpoint, start)]
+            if at_start:
+                by_iter[0] = at_start[-1]
         if len(by_iter) < 2:
             continue
         label = f"{dataset} / {protocol}" + (f" ({encoder})" if encoder else "") + (f" / {Path(pre).name}" if pre else "")
