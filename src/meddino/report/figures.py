@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from meddino.viz.labels import wrap_label
+
 _DPI = 110
 
 
@@ -30,10 +32,6 @@ def _png(fig: Any) -> bytes:
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=_DPI)
     return buf.getvalue()
-
-
-def _short(label: str, n: int = 28) -> str:
-    return label if len(label) <= n else label[: n - 1] + "\u2026"
 
 
 def rank_figure(ranks: Mapping[str, Mapping[str, Any]], title: str) -> bytes:
@@ -57,7 +55,7 @@ def rank_figure(ranks: Mapping[str, Mapping[str, Any]], title: str) -> bytes:
         ax.vlines(x, r["lower"], r["upper"], colors="black", linewidth=1.6, zorder=2)
         ax.scatter([x], [r["median"]], marker="x", color="black", s=60, linewidths=2, zorder=3)
     ax.set_xticks(range(n))
-    ax.set_xticklabels([_short(m) for m in models], rotation=30 if n > 3 else 0, ha="right" if n > 3 else "center",
+    ax.set_xticklabels([wrap_label(m) for m in models], rotation=30 if n > 3 else 0, ha="right" if n > 3 else "center",
                        fontsize=8)
     ax.set_xlim(-0.6, n - 0.4)
     ax.set_ylim(n + 0.6, 0.4)  # rank 1 on top
@@ -82,7 +80,7 @@ def iteration_figure(series: Sequence[Mapping[str, Any]], title: str) -> bytes:
         for s in (s for s in series if s["metric"] == metric):
             pts = np.asarray(s["points"], dtype=np.float64)
             ax.errorbar(pts[:, 0], pts[:, 1], yerr=np.nan_to_num(pts[:, 2]), marker="o", capsize=3,
-                        label=_short(s["label"], 36))
+                        label=wrap_label(s["label"], 36))
         ax.set_xlabel("pretraining iteration")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
@@ -108,7 +106,7 @@ def encoder_boxplot(groups: Mapping[str, Mapping[str, Sequence[float]]], metric:
     for i, d in enumerate(data, start=1):  # the individual units on top of the boxes
         ax.scatter(i + jitter.uniform(-0.12, 0.12, d.size), d, s=10, color="black", zorder=3)
     ax.set_xticks(range(1, len(labels) + 1))
-    ax.set_xticklabels([_short(k, 32) for k in labels], rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels([wrap_label(k, 32) for k in labels], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)

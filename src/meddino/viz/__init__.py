@@ -10,5 +10,6 @@ __all__, __getattr__ = lazy_exports(
         "fit_pca": ".pca",
         "pca_rgb": ".pca",
         "cls_attention_maps": ".pca",
+        "wrap_label": ".labels",
     },
 )

@@ -13,6 +13,7 @@ from meddino.data.transforms import to_tensor
 from meddino.errors import ConfigError, DataError
 from meddino.models import resolve_backbone
 from meddino.runlog import RunDir, atomic_path, write_json
+from meddino.viz.labels import wrap_label
 from meddino.viz.pca import cls_attention_maps, patch_feature_grids, pca_rgb
 
 
@@ -86,12 +87,12 @@ def run_pca(cfg: VizConfig) -> Path:
         fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.2 * n_rows), squeeze=False)
         for c in range(n_cols):
             axes[0][c].imshow(shown[c])
-            axes[0][c].set_title(paths[c].name[:18], fontsize=7)
+            axes[0][c].set_title(wrap_label(paths[c].name, 18), fontsize=7)
         for r, (label, maps, attn) in enumerate(rows, start=1):
             for c in range(n_cols):
                 img = maps[c] if kind == "pca" else (attn[c] if attn else np.zeros((1, 1)))
                 axes[r][c].imshow(img, interpolation="nearest", cmap=None if kind == "pca" else "inferno")
-            axes[r][0].set_ylabel(label[:24], fontsize=8)
+            axes[r][0].set_ylabel(wrap_label(label, 24), fontsize=8)
         for ax in axes.flat:
             ax.set_xticks([])
             ax.set_yticks([])
