@@ -3,6 +3,8 @@ release, with one deprecation line; every verb's help names its arguments and en
 
 from __future__ import annotations
 
+import pytest
+
 from meddino.cli import VERBS
 from meddino.models import build_backbone, export_backbone
 
@@ -55,3 +57,17 @@ def test_unknown_recipe_group_is_one_line_naming_the_groups(cli):
         assert res.returncode == 2 and len(lines) == 1 and f"unknown group '{group}'" in lines[0]
         assert "classify, phase, pretrain, seg" in lines[0] and res.stdout == ""
     assert cli("recipes", "seg").returncode == 0
+
+
+@pytest.mark.parametrize("task", ["seg", "phase"])
+def test_predict_takes_model_as_a_key_and_warns_on_the_old_flag(tmp_path, cli, task):
+    missing = tmp_path / "no_run"
+    new = cli("predict", task, tmp_path, f"model={missing}")
+    assert new.returncode == 2 and _warnings(new) == [] and str(missing) in new.stderr, new.stderr
+    assert len(new.stderr.strip().splitlines()) == 1
+    old = cli("predict", task, tmp_path, "--model", missing)
+    assert old.returncode == 2 and _warnings(old) == [
+        "meddino: warning: --model is deprecated and goes in the next release; use model=RUN_DIR"], old.stderr
+    none = cli("predict", task, tmp_path)
+    lines = none.stderr.strip().splitlines()
+    assert none.returncode == 2 and len(lines) == 1 and "model" in lines[0], none.stderr

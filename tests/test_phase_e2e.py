@@ -93,7 +93,7 @@ def test_csv_videos_eval_then_online_predict(cli, csv_root: Path, tmp_path: Path
     # online, frame by frame with the rolling causal state: same phases and probabilities as offline
     pred_csv = tmp_path / "online.csv"
     video = csv_root / "videos" / "case2.mp4"
-    r = cli("predict", "phase", str(video), "--model", str(out), f"out={pred_csv}", "quiet=true")
+    r = cli("predict", "phase", str(video), f"model={out}", f"out={pred_csv}", "quiet=true")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["frames"] == SECONDS

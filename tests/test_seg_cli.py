@@ -55,7 +55,7 @@ def test_eval_and_predict_cholecseg8k(cli, tmp_path, head):
     assert np.asarray(Image.open(masks[0])).shape == (40, 48)  # native resolution
 
     pred = tmp_path / "pred"
-    r = cli("predict", "seg", "--model", out, root / "video01", f"out={pred}")
+    r = cli("predict", "seg", root / "video01", f"model={out}", f"out={pred}")
     assert r.returncode == 0, r.stderr[-2000:]
     written = sorted(p.name for p in pred.rglob("*.png"))
     assert written == sorted([f"frame_{n}_endo_mask.png" for n in (80, 81)] + [f"frame_{n}_endo_overlay.png" for n in (80, 81)])
@@ -74,7 +74,7 @@ def test_seed001_unet_variant_trains_and_predicts_through_the_cli(cli, tmp_path)
     meta = json.loads((out / "model" / "model.json").read_text())
     assert meta["unet_blocks"] == [0, 1, 2, 3]  # the last four of dinov2_tiny's four blocks
     assert (meta["unet"]["skips"], meta["unet"]["convs_per_stage"]) == ("last4", 1)
-    r = cli("predict", "seg", "--model", out, root / "video01", f"out={tmp_path / 'pred'}")
+    r = cli("predict", "seg", root / "video01", f"model={out}", f"out={tmp_path / 'pred'}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(list((tmp_path / "pred").rglob("*_mask.png"))) == 2
 

@@ -33,7 +33,7 @@ def test_eval_and_predict_msd_volumes(cli, tmp_path, head):
     assert np.allclose(nib.load(saved).affine, ref.affine) and nib.load(saved).shape == ref.shape
 
     pred = tmp_path / "pred"
-    r = cli("predict", "seg", "--model", out, root / "imagesTr" / "heart_000.nii.gz", f"out={pred}")
+    r = cli("predict", "seg", root / "imagesTr" / "heart_000.nii.gz", f"model={out}", f"out={pred}")
     assert r.returncode == 0, r.stderr[-2000:]
     img = nib.load(pred / "heart_000_mask.nii.gz")
     ref = nib.load(root / "imagesTr" / "heart_000.nii.gz")

@@ -25,7 +25,9 @@ VERBS = (
         recipes="phase",
         args=(
             Arg("video", "video", help="a video file or a folder of frames"),
-            Arg("--model", "model", required=True, metavar="RUN_DIR", help="run folder of `meddino eval phase`"),
+            Arg("--model", "model", deprecated="model=RUN_DIR", metavar="RUN_DIR",
+                help="deprecated: use model=RUN_DIR"),
         ),
+        overrides_help="model=RUN_DIR (run folder of `meddino eval phase`), out=CSV, fps=..., device=...",
     ),
 )

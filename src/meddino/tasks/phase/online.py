@@ -93,7 +93,7 @@ def latency_summary(ms: list[float]) -> dict[str, float]:
 
 
 def run_predict(cfg: Any) -> int:
-    """``meddino predict phase VIDEO --model RUN``: per-frame phase + latency, CSV and a JSON summary line."""
+    """``meddino predict phase VIDEO model=RUN``: per-frame phase + latency, CSV and a JSON summary line."""
     device = pick_device(cfg.device)
     video = Path(cfg.video).expanduser()
     if not video.exists():

@@ -19,15 +19,17 @@ VERBS = (
         group="predict",
         help="segment images, a folder or a volume with a model trained by `meddino eval seg`",
         description="Write masks (PNG for images, NIfTI/NRRD/MHA for volumes with the input's geometry) and "
-        "colour overlays. Options as key=value: out=DIR fold=K device=cpu batch_size=8 overlay_alpha=0.5.",
+        "colour overlays. Options as key=value: model=RUN_DIR out=DIR fold=K device=cpu batch_size=8 "
+        "overlay_alpha=0.5.",
         schema="meddino.tasks.seg.config:SegPredictConfig",
         run="meddino.tasks.seg.predict:run_predict_seg",
         source="predict seg",
         run_folder="out",
         args=(
-            Arg("--model", "model", required=True, help="run folder of `meddino eval seg` (or its model/ folder)"),
             Arg("input", "input", help="image file, folder of images/volumes, or a volume"),
+            Arg("--model", "model", deprecated="model=RUN_DIR", help="deprecated: use model=RUN_DIR"),
         ),
-        overrides_help="out=DIR, fold=K, device=..., window=...",
+        overrides_help="model=RUN_DIR (run folder of `meddino eval seg`, or its model/ folder), out=DIR, fold=K, "
+        "device=..., window=...",
     ),
 )

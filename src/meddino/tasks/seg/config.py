@@ -167,7 +167,7 @@ class SegConfig(Schema):
 
 
 class SegPredictConfig(Schema):
-    """``meddino predict seg --model RUN_DIR INPUT out=DIR``."""
+    """``meddino predict seg INPUT model=RUN_DIR out=DIR``."""
 
     model: str  # run folder of `meddino eval seg` (or its model/ folder)
     input: str  # image file, folder of images, or a volume (.nii/.nii.gz/.nrrd/.mha)
