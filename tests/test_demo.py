@@ -25,6 +25,14 @@ def test_demo_quick_produces_report(tmp_path, cli):
         results = json.loads((runs / run / "results.json").read_text())
         assert results["metrics"], run
     assert (runs / "pretrain" / "teacher_backbone.safetensors").is_file()
+    # the whole demo's ETA in each step's header, and the steps' measured seconds
+    headers = [line for line in res.stdout.splitlines() if re.match(r"\[[2-6]/6\] ", line)]
+    assert len(headers) == 5 and all(re.search(r"\(\d+:\d\d so far, about \d+:\d\d left\)$", h) for h in headers[:4])
+    steps = json.loads((tmp_path / "demo" / "demo_steps.json").read_text())
+    assert steps["plan"] == "quick" and len(steps["step_seconds"]) == 6 and sum(steps["shares"]) == pytest.approx(1, abs=1e-3)
+    # the generic start is iteration 0 of the continued run's kNN-vs-iteration series
+    iters = (tmp_path / "demo" / "report" / "tables" / "iterations.csv").read_text().splitlines()
+    assert any(",0," in row and "knn" in row for row in iters[1:]), iters[:4]
     # the continued checkpoint really moved away from the shipped generic start it was initialised from
     from safetensors.torch import load_file
 
@@ -38,3 +46,30 @@ def test_demo_quick_produces_report(tmp_path, cli):
 def test_demo_rejects_unknown_option(cli):
     res = cli("demo", "--quick", "speed=fast")
     assert res.returncode == 2 and "only out=DIR" in res.stderr
+
+
+def test_demo_eta_scales_the_measured_shares_by_the_time_taken():
+    from meddino.demo import demo_eta
+
+    shares = (0.1, 0.5, 0.4)
+    # at half of step 2: 0.1 + 0.25 = 0.35 of the demo done in 35 s -> 0.65 left at the same pace = 65 s
+    assert demo_eta(35.0, shares, 2, 0.5) == pytest.approx(65.0)
+    assert demo_eta(10.0, shares, 2, 0.0) == pytest.approx(90.0)  # step 1 done in 10 s
+    assert demo_eta(50.0, (1, 5, 4), 2, 0.5) == pytest.approx(demo_eta(50.0, shares, 2, 0.5))  # only ratios count
+    assert demo_eta(99.0, shares, 3, 1.0) == pytest.approx(0.0)
+    assert demo_eta(1.0, shares, 1, 0.1) is None  # 1 % done: too little to scale by
+
+
+def test_progress_lines_carry_the_enclosing_eta(capsys, monkeypatch):
+    from meddino.runlog import Progress, outer_progress
+
+    monkeypatch.delenv("MEDDINO_QUIET", raising=False)  # the suite silences progress lines
+    seen = []
+    with outer_progress(lambda f: seen.append(f) or f"demo 2/6 eta {f:.2f}"):
+        with Progress(10, "pretrain", unit="img", interval=0.0) as bar:
+            bar.advance(5)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("demo 2/6 eta 0.50 | pretrain: 5/10") and seen[-1] == 0.5
+    with Progress(10, "pretrain", unit="img", interval=0.0) as bar:  # outside: no prefix
+        bar.advance(1)
+    assert capsys.readouterr().err.startswith("pretrain: 1/10")

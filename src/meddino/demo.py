@@ -44,6 +44,59 @@ class DemoPlan:
 
 GENERIC, CONTINUED = "generic (natural photos)", "continued DINOv2"
 
+# each of the six steps' share of the demo's time, measured (benchmarks/results/demo_steps_cpu.json); the
+# whole-demo ETA scales them by the time the steps done so far actually took on this machine
+FULL_SHARES = (0.02, 0.40, 0.005, 0.50, 0.025, 0.05)
+QUICK_SHARES = (0.05, 0.25, 0.01, 0.55, 0.04, 0.10)
+
+
+def demo_eta(elapsed: float, shares: tuple[float, ...], step: int, fraction: float) -> float | None:
+    """Seconds left in the whole demo after ``elapsed`` seconds, at ``fraction`` (0-1) of step ``step``
+    (1-based), from the steps' measured ``shares`` of its time: elapsed x (left share / done share).
+    None before 2 % of it is done (too little to scale by)."""
+    total = sum(shares)
+    done = (sum(shares[: step - 1]) + shares[step - 1] * min(max(fraction, 0.0), 1.0)) / total
+    if done < 0.02 or elapsed <= 0:
+        return None
+    return elapsed * (1.0 - done) / done
+
+
+class DemoClock:
+    """Where the demo is (step, and part k of n within a step that runs several verbs) and its whole ETA,
+    for the header of each step and, through :func:`meddino.runlog.outer_progress`, every progress line."""
+
+    def __init__(self, shares: tuple[float, ...]):
+        self.shares = shares
+        self.t0 = time.perf_counter()
+        self.step, self.part, self.parts = 0, 0, 1
+        self.starts: list[float] = []
+
+    def start(self, step: int, parts: int = 1) -> None:
+        self.starts.append(time.perf_counter())
+        self.step, self.part, self.parts = step, 0, max(parts, 1)
+
+    def step_seconds(self) -> list[float]:
+        """Wall seconds of each step started so far (the last one up to now)."""
+        ends = [*self.starts[1:], time.perf_counter()]
+        return [round(b - a, 2) for a, b in zip(self.starts, ends)]
+
+    def next_part(self) -> None:
+        self.part = min(self.part + 1, self.parts - 1)
+
+    def eta(self, fraction: float = 0.0) -> float | None:
+        within = (self.part + min(max(fraction, 0.0), 1.0)) / self.parts
+        return demo_eta(time.perf_counter() - self.t0, self.shares, self.step, within)
+
+    def describe(self, fraction: float = 0.0) -> str:
+        eta = self.eta(fraction)
+        left = "?" if eta is None else _mss(eta)
+        return f"demo {self.step}/{len(self.shares)} eta {left}"
+
+
+def _mss(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
 QUICK = DemoPlan(size=32, slice_step=2, iterations=40, batch_size=32, seg_epochs=4, linear_epochs=30, bootstrap=200)
 FULL = DemoPlan(size=64, slice_step=1, iterations=200, batch_size=64, seg_epochs=12, linear_epochs=60, bootstrap=1000)
 
@@ -109,38 +162,52 @@ def generic_start(arch: str = "dinov2_tiny") -> Path:
     return path
 
 
-def _step(n: int, text: str) -> None:
-    print(f"\n[{n}/6] {text}", flush=True)
+def _step(clock: DemoClock, n: int, text: str, parts: int = 1) -> None:
+    clock.start(n, parts)
+    eta = clock.eta()
+    when = f"  ({_mss(time.perf_counter() - clock.t0)} so far" + (f", about {_mss(eta)} left)" if eta else ")")
+    print(f"\n[{n}/{len(clock.shares)}] {text}" + (when if n > 1 else ""), flush=True)
 
 
 def _evaluate(name: str, spec: Path, tag: str, folds: Path, seg_manifest: Path, classes: list[str], runs: Path,
-              plan: DemoPlan) -> None:
-    """kNN, linear probe and frozen-encoder segmentation of one backbone."""
+              plan: DemoPlan, clock: DemoClock) -> None:
+    """kNN, linear probe and frozen-encoder segmentation of one backbone (three parts of the clock's step)."""
     common = [f"data.manifest={folds}", f"backbone={spec}", f"model_name={name}", "dataset_name=MNI152 level"]
     _run("eval knn", *common, f"data.img_size={plan.size}", f"out={runs / f'knn_{tag}'}", recipe="knn_tiny")
+    clock.next_part()
     _run("eval linear", *common, f"data.img_size={plan.size}", f"linear.epochs={plan.linear_epochs}",
          f"out={runs / f'linear_{tag}'}", recipe="linear_tiny")
+    clock.next_part()
     _run("eval seg", f"data.manifest={seg_manifest}", f"backbone={spec}", f"model_name={name}",
          "dataset_name=MNI152 tissue", "head=linear", f"data.image_size={plan.size}",
          f"data.classes={classes}", "data.folds=3", f"train.epochs={plan.seg_epochs}",
          f"out={runs / f'seg_{tag}'}", recipe="seg_tiny")
+    clock.next_part()
 
 
 def run_demo(out: Path, plan: DemoPlan = FULL) -> Path:
+    from meddino.runlog import outer_progress
+
+    clock = DemoClock(QUICK_SHARES if plan == QUICK else FULL_SHARES)
+    with outer_progress(clock.describe):  # every verb's progress line also shows the whole demo's ETA
+        return _run_demo(Path(out), plan, clock)
+
+
+def _run_demo(out: Path, plan: DemoPlan, clock: DemoClock) -> Path:
     import torch  # torch, numpy, the models: only once the demo runs, not for `meddino --help`
 
     from meddino.data.bundled import SEG_CLASSES, build_demo_data
     from meddino.models import build_backbone, export_backbone
+    from meddino.runlog import write_json
 
     t0 = time.time()
-    out = Path(out)
     runs = out / "runs"
-    _step(1, "building the demo data set from nilearn's MNI152 template and pydicom's test images")
+    _step(clock, 1, "building the demo data set from nilearn's MNI152 template and pydicom's test images")
     data = build_demo_data(out / "data", size=plan.size, step=plan.slice_step)
     n_unlabeled = sum(1 for _ in data.unlabeled.iterdir())
     print(f"  {n_unlabeled} unlabeled images, labelled slices in {data.classify_manifest.name} and {data.seg_manifest.name}")
 
-    _step(2, f"continued DINOv2 pretraining of the generic tiny ViT on the medical images ({plan.iterations} iterations)")
+    _step(clock, 2, f"continued DINOv2 pretraining of the generic tiny ViT on the medical images ({plan.iterations} iterations)")
     torch.manual_seed(0)
     random_start = export_backbone(build_backbone("dinov2_tiny", img_size=plan.size), out / "start_backbone")
     generic = generic_start()
@@ -157,26 +224,32 @@ def run_demo(out: Path, plan: DemoPlan = FULL) -> Path:
     continued = snapshots[-1] if snapshots else pretrain_dir / "teacher_backbone.safetensors"
     backbones = {"random init": random_start, GENERIC: generic, CONTINUED: continued}
 
-    _step(3, "patient-level folds for the labelled slices")
+    _step(clock, 3, "patient-level folds for the labelled slices")
     folds = out / "data" / "classify_folds.csv"
     _run("data split", f"out={folds}", "k=3", "seed=0", manifest=str(data.classify_manifest))
 
-    _step(4, "classification (kNN, linear probe) and frozen-encoder segmentation: random vs generic vs continued")
+    _step(clock, 4, "classification (kNN, linear probe) and frozen-encoder segmentation: random vs generic vs "
+          "continued", parts=3 * len(backbones) + len(snapshots[:-1]))
     for i, (name, spec) in enumerate(backbones.items()):
-        _evaluate(name, spec, f"m{i}", folds, data.seg_manifest, list(SEG_CLASSES), runs, plan)
+        _evaluate(name, spec, f"m{i}", folds, data.seg_manifest, list(SEG_CLASSES), runs, plan, clock)
 
     for snapshot in snapshots[:-1]:  # kNN along the pretraining run
         iteration = int(snapshot.stem.rsplit("_", 1)[-1])
         _run("eval knn", f"data.manifest={folds}", f"backbone={snapshot}",
              f"model_name={CONTINUED} (iteration {iteration})", "dataset_name=MNI152 level",
              f"data.img_size={plan.size}", f"out={runs / f'knn_it{iteration}'}", recipe="knn_tiny")
+        clock.next_part()
 
-    _step(5, "PCA feature maps of the three backbones")
+    _step(clock, 5, "PCA feature maps of the three backbones")
     _run("viz pca", f"out={runs / 'pca'}", f"img_size={plan.size}", images=[str(i) for i in data.viz_images],
          backbones=[str(s) for s in backbones.values()], labels=list(backbones))
 
-    _step(6, "bootstrap ranks and the HTML report")
+    _step(clock, 6, "bootstrap ranks and the HTML report")
     _run("report", f"out={out / 'report'}", f"bootstrap.samples={plan.bootstrap}", "title=meddino demo",
          f"compare=[{CONTINUED}, {GENERIC}]", runs=str(runs))
+    seconds = clock.step_seconds()
+    write_json(out / "demo_steps.json", {"plan": "quick" if plan == QUICK else "full", "step_seconds": seconds,
+                                         "shares": [round(x / sum(seconds), 4) for x in seconds],
+                                         "total_s": round(time.time() - t0, 1)})
     print(f"  demo took {time.time() - t0:.0f} s")
     return out / "report" / "report.html"

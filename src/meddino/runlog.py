@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -218,6 +218,28 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# what encloses the current bar (the demo's whole-run ETA): fraction of this bar done -> text before it
+_OUTER: list[Callable[[float], str]] = []
+
+
+@contextlib.contextmanager
+def outer_progress(describe: Callable[[float], str]) -> Iterator[None]:
+    """Within this block every :class:`Progress` line starts with ``describe(fraction)``, ``fraction`` being
+    how much of that bar's own total is done (0 without a total): how ``meddino demo`` shows its whole ETA
+    in the line of whichever verb is running."""
+    _OUTER.append(describe)
+    try:
+        yield
+    finally:
+        _OUTER.pop()
+
+
+def _outer_text(done: int, total: int | None) -> str:
+    if not _OUTER:
+        return ""
+    return _OUTER[-1](min(done / total, 1.0) if total else 0.0) + " | "
+
+
 class Progress:
     """A progress bar with rate and ETA: rich on a TTY, a plain line every ``interval`` s otherwise.
 
@@ -276,8 +298,9 @@ class Progress:
             return
         text = " ".join(f"{k}={_fmt(v)}" for k, v in self.postfix.items())
         rate = f"{self.rate():.1f} {self.unit}/s"
+        outer = _outer_text(self.done, self.total)
         if self._rich is not None:
-            self._rich.update(self._task, advance=n, rate=rate, postfix=text)
+            self._rich.update(self._task, advance=n, rate=rate, postfix=text, description=outer + self.description)
             return
         now = time.perf_counter()
         if now - self._last_line >= self.interval:
@@ -286,7 +309,7 @@ class Progress:
             if self.total and self.rate() > 0:
                 eta = f" eta {_hms((self.total - self.done) / self.rate())}"
             of = f"/{self.total}" if self.total else ""
-            print(f"{self.description}: {self.done}{of} {rate}{eta} {text}", file=sys.stderr, flush=True)
+            print(f"{outer}{self.description}: {self.done}{of} {rate}{eta} {text}", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc: Any) -> None:
         if self._rich is not None:
