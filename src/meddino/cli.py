@@ -39,7 +39,14 @@ RECIPES = Verb(
     help="list the recipes shipped with meddino",
     schema="meddino.config:RecipesConfig",
     run="meddino.config:print_recipes",
-    args=(Arg("group", "group", nargs="?", help="only this group: " + ", ".join(list_recipes())),),
+    description="List the shipped recipes by group (one line each; --json for a machine-readable list), or "
+    "print one with `meddino recipes show NAME`: its YAML with the _base_ it builds on merged in.",
+    args=(
+        Arg("group", "group", nargs="?", metavar="GROUP|show",
+            help="only this group (" + ", ".join(list_recipes()) + "), or show"),
+        Arg("name", "name", nargs="?", metavar="NAME", help="with show: the recipe to print (NAME or GROUP/NAME)"),
+        Arg("--json", "json_output", switch=True, help="print JSON instead of text"),
+    ),
     uses_torch=False,
 )
 VERBS: tuple[Verb, ...] = (

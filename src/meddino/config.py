@@ -45,14 +45,32 @@ def list_recipes() -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def _description(path: Path) -> str:
+def _header(path: Path) -> tuple[str, str]:
+    """(description, usage) from a recipe's leading comment block: its first line and the lines that
+    continue its sentence (starting in lower case or with a digit), and the ``# usage:`` line."""
+    described: list[str] = []
+    usage = ""
+    ended = False
     for line in path.read_text().splitlines():
         line = line.strip()
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-        if line:
-            break
-    return ""
+        if not line.startswith("#"):
+            if line:
+                break
+            continue
+        text = line.lstrip("#").strip()
+        if text.lower().startswith("usage:"):
+            usage = text[len("usage:"):].strip()
+        elif not described:
+            described.append(text)
+        elif not ended and text and (text[0].islower() or text[0].isdigit()):
+            described.append(text)
+        else:
+            ended = True  # a new sentence or paragraph: notes, not the one-line description
+    return " ".join(t for t in described if t), usage
+
+
+def _description(path: Path) -> str:
+    return _header(path)[0]
 
 
 def find_recipe(spec: str, group: str | None = None) -> Path:
@@ -68,6 +86,9 @@ def find_recipe(spec: str, group: str | None = None) -> Path:
     hits = sorted(root.rglob(f"{spec}{RECIPE_SUFFIX}"))
     if len(hits) == 1:
         return hits[0]
+    if len(hits) > 1:  # the same name in several groups: the group must be named
+        named = [f"{h.parent.relative_to(root).as_posix()}/{spec}" for h in hits]
+        raise ConfigError(f"recipe '{spec}' is in several groups; name one: {' or '.join(named)}")
     names = [n for g, items in list_recipes().items() if group in (None, g) for n, _ in items]
     close = difflib.get_close_matches(spec, names, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else " (see `meddino recipes`)"
@@ -263,27 +284,93 @@ def to_yaml(cfg: BaseModel) -> str:
 
 
 class RecipesConfig(Schema):
-    """``meddino recipes [GROUP]``."""
+    """``meddino recipes [GROUP] [--json]`` and ``meddino recipes show NAME [--json]``."""
 
-    group: str | None = None
+    group: str | None = None  # a recipe group, or "show"
+    name: str | None = None  # with show: the recipe (NAME, GROUP/NAME or a YAML path)
+    json_output: bool = False
+
+
+def recipe_entries(group: str | None = None) -> list[dict[str, str | None]]:
+    """Every shipped recipe (of ``group``) as a record: group, name, description, usage, its ``_base_``,
+    and the file."""
+    root = recipes_root()
+    out = []
+    for path in sorted(root.rglob(f"*{RECIPE_SUFFIX}")):
+        g = path.parent.relative_to(root).as_posix()
+        if group and g != group:
+            continue
+        description, usage = _header(path)
+        try:
+            base = (yaml.safe_load(path.read_text()) or {}).get(BASE_KEY)
+        except (yaml.YAMLError, AttributeError):
+            base = None
+        out.append({"group": g, "name": path.stem, "description": description, "usage": usage or None,
+                    "base": None if base is None else str(base), "path": str(path)})
+    return out
 
 
 def print_recipes(cfg: RecipesConfig) -> int:
-    """The shipped recipes as a table (only ``cfg.group`` when given)."""
-    from rich.console import Console  # rich only for this listing
-    from rich.table import Table
+    """The shipped recipes, one per line under its group (``--json``: a list of records), or (``show
+    NAME``) one recipe with its ``_base_`` merged. Plain text, not a table: a table wraps unreadably in an
+    80-column terminal and cannot be parsed."""
+    import json  # why: only this listing needs it
+    import shutil
+    import sys
+    import textwrap
 
+    if cfg.group == "show":
+        return _show_recipe(cfg)
+    if cfg.name is not None:
+        raise ConfigError(f"recipes: '{cfg.name}' after a group; to print a recipe use `meddino recipes show "
+                          f"{cfg.name}`")
     groups = list_recipes()
     if cfg.group and cfg.group not in groups:
-        raise ConfigError(f"recipes: unknown group '{cfg.group}'; the groups are {', '.join(groups)}")
-    table = Table(title="meddino recipes (use with --config NAME)")
-    table.add_column("group")
-    table.add_column("name")
-    table.add_column("description")
-    for group, items in groups.items():
-        if cfg.group and group != cfg.group:
-            continue
-        for name, desc in items:
-            table.add_row(group, name, desc)
-    Console().print(table)
+        raise ConfigError(f"recipes: unknown group '{cfg.group}'; the groups are {', '.join(groups)}, "
+                          "or `show NAME` prints one recipe")
+    entries = recipe_entries(cfg.group)
+    if cfg.json_output:
+        print(json.dumps(entries, indent=2))
+        return 0
+    # on a terminal each description wraps under itself; piped, one line per recipe (grep, cut)
+    width = shutil.get_terminal_size((100000, 24)).columns if sys.stdout.isatty() else 100000
+    indent = 2 + max(len(e["name"]) for e in entries) + 2
+    print("use a recipe with --config NAME; `meddino recipes show NAME` prints it")
+    for group in dict.fromkeys(e["group"] for e in entries):
+        print(f"\n{group}")
+        for e in entries:
+            if e["group"] != group:
+                continue
+            line = f"  {e['name'].ljust(indent - 4)}  {e['description']}".rstrip()
+            print(textwrap.fill(line, width=max(width, indent + 20), subsequent_indent=" " * indent,
+                                break_on_hyphens=False) if len(line) > width else line)
+    return 0
+
+
+def _show_recipe(cfg: RecipesConfig) -> int:
+    """``recipes show NAME``: the recipe as the verb reads it (``_base_`` merged), as YAML that ``--config``
+    takes back; keys it does not set take the verb's defaults."""
+    import json  # why: only --json needs it
+
+    if not cfg.name:
+        raise ConfigError("recipes show: give a recipe name (see `meddino recipes`), e.g. "
+                          "`meddino recipes show dinov2_vits14`")
+    group, _, name = cfg.name.rpartition("/")
+    path = find_recipe(cfg.name) if cfg.name.endswith((".yaml", ".yml")) or not group else \
+        find_recipe(name, group)
+    if group and not cfg.name.endswith((".yaml", ".yml")) and path.parent.name != group:
+        raise ConfigError(f"recipes show: no recipe '{name}' in group '{group}' (see `meddino recipes {group}`)")
+    data = load_yaml(path)
+    root = recipes_root()
+    shipped = path.resolve().is_relative_to(root.resolve())
+    where = f"{path.parent.name}/{path.stem}" if shipped else str(path)
+    if cfg.json_output:
+        print(json.dumps({"recipe": where, "path": str(path), "config": data}, indent=2))
+        return 0
+    description, _ = _header(path)
+    base = (yaml.safe_load(path.read_text()) or {}).get(BASE_KEY)
+    print(f"# recipe {where}" + (f": {description}" if description else ""))
+    print(f"# {path}" + (f", with its {BASE_KEY} ({base}) merged in" if base else "")
+          + "; the keys it does not set take the verb's defaults (listed by the verb's --help)")
+    print(yaml.safe_dump(data, sort_keys=False), end="")
     return 0
