@@ -104,7 +104,7 @@ def test_openmp_runtime_sees_the_wait_policy():
 
 def test_cli_sets_the_wait_policy_without_importing_torch():
     code = ("import os, sys; from meddino.cli import main\n"
-            "for argv in (['--version'], ['recipes']):\n"
+            "for argv in (['--help'], ['recipes']):\n"
             "    try: main(argv)\n"
             "    except SystemExit: pass\n"
             "print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")

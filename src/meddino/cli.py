@@ -97,12 +97,27 @@ class VerbParser(argparse.ArgumentParser):
         return text + f"\nconfig keys (key.sub=value) and their defaults{note}:\n" + "\n".join(lines) + "\n"
 
 
+class VersionAction(argparse.Action):
+    """``--version``: meddino, torch, timm and the device; torch is imported only when it is asked for, so
+    building the parser (``meddino --help``) stays torch-free."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None):
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from meddino.devices import describe_versions
+
+        print(describe_versions(__version__))
+        parser.exit()
+
+
 def build_parser(verbs: tuple[Verb, ...] = VERBS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meddino",
         description="Continued DINO pretraining and downstream evaluation for medical and surgical images.",
     )
-    parser.add_argument("--version", action="version", version=f"meddino {__version__}")
+    parser.add_argument("--version", action=VersionAction, help="show meddino's, torch's and timm's versions "
+                        "and the CUDA device, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=VerbParser)
     places: dict[str | None, argparse._SubParsersAction] = {None: sub}
     for verb in verbs:

@@ -235,3 +235,26 @@ def configure_cpu_threads() -> int | None:
         print(f"meddino: {threads} CPU threads ({why}); OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']} "
               f"GOMP_SPINCOUNT={env.get('GOMP_SPINCOUNT', 'default')}{note}", file=sys.stderr)
     return threads
+
+
+def describe_versions(version: str) -> str:
+    """``meddino --version``: meddino, Python, torch (and the CUDA it was built for), timm, and the
+    accelerator torch sees, one fact per line (what a bug report needs). Imports torch: only when asked."""
+    import platform
+
+    import torch  # why: --version names torch and the device; nothing else in --help loads it
+    import timm
+
+    lines = [f"meddino {version}",
+             f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}"]
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        names = [torch.cuda.get_device_name(i) for i in range(n)]
+        kinds = ", ".join(f"{names.count(name)} x {name}" for name in dict.fromkeys(names))
+        lines.append(f"device: CUDA {torch.version.cuda}, {kinds}")
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        lines.append("device: Apple MPS (no CUDA device)")
+    else:
+        built = f", torch built for CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU-only torch"
+        lines.append(f"device: CPU only (no CUDA device visible{built})")
+    return "\n".join(lines)
