@@ -102,13 +102,15 @@ RUN_MARKER = "meddino_run.json"  # which verb wrote a run folder, and whether th
 
 
 def claim_run_folder(path: str | Path, verb: str, force: bool = False, rerun: bool = False,
-                     retry: bool = True) -> Path:
+                     retry: bool = True, recipe: str | None = None) -> Path:
     """Make ``path`` this ``verb``'s run folder. It may be new, empty, (``retry``) a run of this verb that
     did not complete (a failed or killed attempt), or (``rerun``) any run of this verb; anything else is
     refused in one line naming what is there, unless ``force`` (then only the files this verb writes are
     overwritten). ``retry=False`` is for a verb whose attempts leave state a plain rerun would destroy
     (pretraining's checkpoints: only ``resume=`` may continue them). :func:`complete_run_folder` marks
-    the run complete. On ranks other than 0 it only returns the path."""
+    the run complete. ``recipe`` (the ``--config`` the run started from) is recorded in the marker for
+    whatever describes the run later (``meddino export folder``'s model card). On ranks other than 0 it
+    only returns the path."""
     folder = Path(path).expanduser()
     if not _is_main_process():
         return folder
@@ -126,14 +128,29 @@ def claim_run_folder(path: str | Path, verb: str, force: bool = False, rerun: bo
             raise UserError(f"out: {folder} already holds {what}{how}; choose a new or empty folder, or add "
                             f"--force to overwrite the files `meddino {verb}` writes there")
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / RUN_MARKER, {"verb": verb, "complete": False})
+    marker: dict[str, Any] = {"verb": verb, "complete": False}
+    if recipe is not None:
+        marker["recipe"] = str(recipe)
+    write_json(folder / RUN_MARKER, marker)
     return folder
 
 
 def complete_run_folder(path: str | Path, verb: str) -> None:
-    """Record that ``verb``'s run in ``path`` completed (a later run of it needs rerun or --force)."""
-    if _is_main_process() and Path(path).expanduser().is_dir():
-        write_json(Path(path).expanduser() / RUN_MARKER, {"verb": verb, "complete": True})
+    """Record that ``verb``'s run in ``path`` completed (a later run of it needs rerun or --force); what
+    else the marker records (the recipe) stays."""
+    folder = Path(path).expanduser()
+    if _is_main_process() and folder.is_dir():
+        marker = {k: v for k, v in read_run_marker(folder).items() if k not in ("verb", "complete")}
+        write_json(folder / RUN_MARKER, {"verb": verb, "complete": True, **marker})
+
+
+def read_run_marker(folder: str | Path) -> dict[str, Any]:
+    """The run folder's marker (verb, complete, recipe), or {} when it has none or it is unreadable."""
+    try:
+        marker = json.loads((Path(folder).expanduser() / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
 
 
 def release_run_folder(path: str | Path) -> None:
@@ -149,11 +166,10 @@ def release_run_folder(path: str | Path) -> None:
 
 def _run_owner(folder: Path) -> tuple[str | None, bool]:
     """(the verb that wrote ``folder``, whether its run completed); (None, False) without a marker."""
-    try:
-        marker = json.loads((folder / RUN_MARKER).read_text())
-        return str(marker["verb"]), bool(marker.get("complete", True))
-    except (OSError, ValueError, KeyError, TypeError):
+    marker = read_run_marker(folder)
+    if "verb" not in marker:
         return None, False
+    return str(marker["verb"]), bool(marker.get("complete", True))
 
 
 class RunDir:

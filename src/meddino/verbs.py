@@ -136,7 +136,8 @@ def run_verb(verb: Verb, recipe: str | None = None, overrides: Iterable[str] = (
     fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))
     rerun = verb.rerun if isinstance(verb.rerun, bool) else bool(getattr(cfg, verb.rerun, None))
     # a verb that reruns through a key (pretrain: resume=) continues only through it, attempts included
-    claim_run_folder(path, verb.path, force=force, rerun=rerun, retry=isinstance(verb.rerun, bool))
+    claim_run_folder(path, verb.path, force=force, rerun=rerun, retry=isinstance(verb.rerun, bool),
+                     recipe=(recipe or verb.default_recipe) if verb.recipes else None)
     try:
         code = int(load_attr(verb.run)(cfg) or 0)
     except BaseException:
