@@ -123,6 +123,31 @@ class _KindSubset:
     def describe(self, index: int) -> dict[str, Any]:
         return self.source.describe(self.indices[index])
 
+    def counts(self) -> dict[str, int]:
+        kinds = np.asarray(self.source.kinds)[self.indices]
+        values, n = np.unique(kinds, return_counts=True)
+        return {KIND_NAMES[int(v)]: int(c) for v, c in zip(values, n)}
+
+    def n_files(self) -> int:
+        return len(set(np.asarray(self.source.file_index)[self.indices].tolist()))
+
+
+def data_summary(cfg: PretrainConfig, source: Any, skipped: dict[str, str], keep: int = 20) -> dict[str, Any]:
+    """What a run trains on, written to the run folder as ``data_summary.json`` for whatever describes the
+    run later (``meddino export folder``'s model card): samples by kind, files, and the unreadable files
+    (found at indexing or when read), the first ``keep`` of them with their reasons."""
+    n_files = source.n_files() if hasattr(source, "n_files") else len(getattr(source, "files", []))
+    return {
+        "path": str(Path(cfg.data.path).expanduser()) if cfg.data.path else None,
+        "kind": cfg.data.kind,
+        "samples": len(source),
+        "by_kind": source.counts(),
+        "files": n_files,
+        "skipped_files": len(skipped),
+        # a CropDataset's skip names its sample ("#12 PATH: ..."): the file is what the reader wants
+        "skipped": [t.split(" ", 1)[1] if t.startswith("#") and " " in t else t for t in skipped.values()][:keep],
+    }
+
 
 def build_augmentation(cfg: PretrainConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> MultiCropAugmentation:
     c = cfg.crops

@@ -49,6 +49,7 @@ from meddino.pretrain.data import (
     StepBatchSampler,
     build_augmentation,
     build_source,
+    data_summary,
     describe_skipped,
     make_loader,
     require_full_batch,
@@ -68,7 +69,7 @@ from meddino.pretrain.health import CollapseDetector, HealthWindow, log_health
 from meddino.pretrain.method import SSLObjective, Student, build_student, iteration_masks
 from meddino.pretrain.monitor import KNNMonitor
 from meddino.pretrain.optim import Schedules, apply_schedules, build_optimizer, clip_and_freeze
-from meddino.runlog import Progress, RunDir
+from meddino.runlog import Progress, RunDir, write_json
 
 
 class TrainingCollapsed(UserError):
@@ -301,6 +302,7 @@ class Trainer:
         self.setup()
         cfg, env = self.cfg, self.env
         run = RunDir(self.out, cfg if env.is_main else None, tensorboard=False)
+        self._write_data_summary()
         if self.start_iter > 0 and env.is_main:
             ckpt.truncate_metrics(self.out / "metrics.jsonl", self.start_iter)
         total = cfg.train.iterations
@@ -424,8 +426,14 @@ class Trainer:
             )
         return self._plain_backbone
 
+    def _write_data_summary(self) -> None:
+        """``data_summary.json``: the samples by kind and the unreadable files so far (rank 0)."""
+        if self.env.is_main:
+            write_json(self.out / "data_summary.json", data_summary(self.cfg, self.source, self.skipped))
+
     def _final_export(self) -> None:
         teacher_bb = self.teacher_backbone()
+        self._write_data_summary()  # with every unreadable file the run met (merged at the last save)
         if self.env.is_main:
             path = export_backbone(teacher_bb, self.out / "teacher_backbone.safetensors")
             n = len(self.skipped)
