@@ -33,6 +33,7 @@ GROUPS = {
     "predict": "run a trained downstream model on new data",
     "data": "prepare data: extract frames, make patient-level splits",
     "viz": "feature visualisations (PCA maps, attention maps)",
+    "export": "export a trained backbone for use outside meddino (a model folder for timm and the Hub)",
 }
 RECIPES = Verb(
     "recipes",

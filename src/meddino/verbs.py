@@ -55,7 +55,7 @@ class Verb:
     help: str
     schema: str  # "module:Schema", validated before the runner starts
     run: str  # "module:function", called with the validated config; returns the exit code
-    group: str | None = None  # "eval", "predict", "data", "viz" or None for a top-level verb
+    group: str | None = None  # "eval", "predict", "data", "viz", "export" or None for a top-level verb
     description: str | None = None
     recipes: str | None = None  # recipe group: the verb takes --config RECIPE (None: schema defaults only)
     # the config key --config fills instead (profile: the pretraining recipe it profiles)

@@ -1,5 +1,6 @@
-"""Verb of the models layer: ``meddino convert SRC DST``, any readable checkpoint -> meddino export
-(safetensors + JSON)."""
+"""Verbs of the models layer: ``meddino convert SRC DST``, any readable checkpoint -> meddino export
+(safetensors + JSON); ``meddino export folder RUN``, a pretraining run -> a model folder timm and the Hugging
+Face Hub load (:mod:`meddino.models.model_folder`)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,22 @@ VERBS = (
             Arg("--num-heads", "num_heads", deprecated="num_heads=N", help="deprecated: use num_heads=N"),
             Arg("--key", "key", deprecated="key=ENTRY", help="deprecated: use key=ENTRY"),
         ),
+    ),
+    Verb(
+        "folder",
+        group="export",
+        help="a pretraining run as a model folder: model.safetensors, timm's config.json, a model card",
+        description="Write RUN's teacher backbone as a folder that timm loads "
+        "(timm.create_model('local-dir:OUT', pretrained=True)), the Hugging Face Hub takes as it is, and "
+        "meddino reads as backbone=OUT: model.safetensors, model.json (meddino's sidecar), config.json (timm's "
+        "architecture, model_args and pretrained_cfg) and README.md, a model card generated from the run "
+        "(data, recipe and resolved config, iterations, kNN monitor, health at the end; license left to you).",
+        schema="meddino.models.model_folder:ExportFolderConfig",
+        run="meddino.models.model_folder:run_export_folder",
+        source="export folder",
+        run_folder="out",
+        overrides_help="out=DIR (default RUN/model) name=NAME (the model's name in the card)",
+        args=(Arg("run", "run", help="the folder `meddino pretrain` wrote (its out=)"),),
     ),
 )
 

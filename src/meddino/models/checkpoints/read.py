@@ -281,8 +281,9 @@ def _not_a_vit(state: dict[str, torch.Tensor], path: Path | str | None) -> str:
 
 def export_sidecar(path: Path) -> dict[str, Any] | None:
     """The JSON sidecar of a meddino export (file ``X.safetensors`` + ``X.json``, or a folder with
-    ``backbone.json``), with ``_weights`` set to the weights file; None when ``path`` is no export."""
-    candidates = [path.with_suffix(".json")] if path.is_file() else [path / "backbone.json"]
+    ``backbone.json``, or a model folder of ``meddino export folder`` with ``model.json``), with
+    ``_weights`` set to the weights file; None when ``path`` is no export."""
+    candidates = [path.with_suffix(".json")] if path.is_file() else [path / "backbone.json", path / "model.json"]
     for json_path in candidates:
         if json_path.is_file():
             try:
