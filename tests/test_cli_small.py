@@ -106,3 +106,16 @@ def test_version_names_torch_timm_and_the_device(cli):
         assert lines[2].startswith("device: CUDA") and torch.cuda.get_device_name(0) in lines[2]
     else:
         assert lines[2].startswith("device: ") and "no CUDA device" in lines[2]
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    """`meddino recipes --json | head`: the reader goes away, meddino stops without a traceback."""
+    import meddino.config
+    from meddino.cli import main
+
+    def closed(_cfg):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(meddino.config, "print_recipes", closed)
+    assert main(["recipes", "--json"]) == 141
+    assert capsys.readouterr().err == ""

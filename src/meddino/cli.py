@@ -9,6 +9,7 @@ A verb's schema and runner are imported only when it runs, so ``meddino --help``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import sys
@@ -217,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"meddino: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout went away (`meddino recipes --json | head`): stop quietly
+        with contextlib.suppress(OSError):  # and let the exit's flush of stdout write nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a Unix tool the pipe closed on
     except OSError as exc:
         if exc.errno not in PATH_ERRNOS:
             raise
