@@ -18,6 +18,7 @@ from collections.abc import Callable
 from meddino import __version__, demo
 from meddino.config import list_recipes
 from meddino.data import commands as data_commands
+from meddino.deploy import commands as deploy_commands
 from meddino.errors import UserError
 from meddino.models import commands as model_commands
 from meddino.pretrain import commands as pretrain_commands
@@ -34,7 +35,7 @@ GROUPS = {
     "predict": "run a trained downstream model on new data",
     "data": "prepare data: extract frames, make patient-level splits",
     "viz": "feature visualisations (PCA maps, attention maps)",
-    "export": "export a trained backbone for use outside meddino (a model folder for timm and the Hub)",
+    "export": "export models for use outside meddino: a model folder (timm, the Hub) or ONNX for deployment",
 }
 RECIPES = Verb(
     "recipes",
@@ -62,6 +63,7 @@ VERBS: tuple[Verb, ...] = (
     *report_commands.VERBS,
     *viz_commands.VERBS,
     *profile_commands.VERBS,
+    *deploy_commands.VERBS,
     *demo.VERBS,
 )
 
