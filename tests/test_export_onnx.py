@@ -1,6 +1,6 @@
 """``meddino export onnx``: every DINO family, every segmentation head and the phase frame model, each exported
 at a fixed size with a dynamic batch and compared with PyTorch by onnxruntime (here again, independently of
-the verb's own check); baked position embeddings / RoPE, and the refusals."""
+the verb's own check); baked position embeddings / RoPE, the refusals, and ``meddino profile`` on an .onnx."""
 
 from __future__ import annotations
 
@@ -238,3 +238,19 @@ def test_a_trained_model_keeps_its_size(tmp_path, capsys):
     run = _seg_run(tmp_path, "linear", "dinov1_tiny", size=(32, 32))
     assert main(["export", "onnx", str(run), str(tmp_path / "onnx"), "img_size=64"]) == 2
     assert "img_size=64: this segmentation model was trained at 32x32" in capsys.readouterr().err
+
+
+def test_profile_times_onnxruntime_beside_pytorch(tmp_path, capsys):
+    out = tmp_path / "onnx"
+    _export([_checkpoint(tmp_path, "dinov3_tiny"), out, "img_size=48"], capsys)
+    prof = tmp_path / "profile"
+    assert main(["profile", f"backbone={out / 'model.onnx'}", f"out={prof}", "warmup=1", "repeats=3",
+                 "batch_size=2"]) == 0
+    rows = json.loads((prof / "profile.json").read_text())["rows"]
+    assert [r["runtime"] for r in rows] == ["pytorch", "onnxruntime"]
+    for r in rows:
+        assert r["img_size"] == 48 and r["batch_size"] == 2 and r["latency_ms_median"] > 0 and r["repeats"] == 3
+        assert r["head"] == "backbone" and r["params_m"] > 0
+    assert "onnxruntime" in capsys.readouterr().out
+    assert main(["profile", f"backbone={out / 'model.onnx'}", f"out={tmp_path / 'p2'}", "img_size=64"]) == 2
+    assert "img_size=64: model.onnx has the fixed input size 48x48 chosen at export" in capsys.readouterr().err

@@ -17,6 +17,11 @@ random normalised input ``[batch_size, 3, img_size, img_size]``, median and p95 
 A head that cannot be built for this backbone (U-Net on fewer than 4 blocks, EoMT on a CNN, a task module
 missing from the installation) is listed with a note instead of a number.
 
+An ``.onnx`` model (``backbone=OUT/model.onnx`` of ``meddino export onnx``) is timed twice on the same input
+at its fixed size, in fp32: onnxruntime's ``session.run`` and, beside it, the PyTorch module it was exported
+from, rebuilt from the source its ``model.json`` names (:func:`meddino.deploy.onnx.load_form`); both use the
+same thread count. Without that ``model.json`` (a foreign ``.onnx``) only onnxruntime is timed.
+
 Pretraining (``--config RECIPE``): the recipe's real training step (teacher targets, student forward, losses,
 backward, clipping, AdamW, EMA update; :meth:`meddino.pretrain.engine.Trainer.train_step`) on synthetic
 multi-crop batches, so the number is the model's cost without data loading; images/s over ``steps`` steps
@@ -43,8 +48,9 @@ from rich.table import Table
 
 from meddino import __version__
 from meddino.config import Schema, load_config
+from meddino.deploy.onnx import load_form, onnx_session, read_onnx_meta
 from meddino.devices import autocast, pick_device
-from meddino.errors import ConfigError
+from meddino.errors import CheckpointError, ConfigError, UserError, first_line
 from meddino.models import resolve_backbone
 from meddino.pretrain.config import PretrainConfig
 from meddino.pretrain.distributed import DistEnv
@@ -128,6 +134,8 @@ def build_head(name: str, backbone: torch.nn.Module, cfg: ProfileConfig) -> tupl
 
 def profile_inference(cfg: ProfileConfig, device: torch.device) -> list[dict[str, Any]]:
     """One row per (backbone, head) with params, latency median / p95 and FPS (see module docstring)."""
+    if cfg.backbone.endswith(".onnx"):
+        return profile_onnx(cfg, device)
     backbone = resolve_backbone(cfg.backbone, img_size=cfg.img_size).to(device).eval()
     patch = int(getattr(backbone, "patch_size", 1) or 1)
     if getattr(backbone, "version", "") != "cnn" and cfg.img_size % patch:
@@ -159,6 +167,73 @@ def profile_inference(cfg: ProfileConfig, device: torch.device) -> list[dict[str
         rows.append({**base, "head": name, "params_m": total / 1e6, "head_params_m": (total - n_backbone) / 1e6,
                      **measure(fn), "note": "online step: backbone CLS + causal MS-TCN" if name == "phase" else ""})
         del model, fn
+    return rows
+
+
+_ONNX_HEADS = {"backbone": "backbone", "seg": "segmentation", "phase": "phase frame model"}
+
+
+def profile_onnx(cfg: ProfileConfig, device: torch.device) -> list[dict[str, Any]]:
+    """An exported ``.onnx``: onnxruntime's latency and, beside it, PyTorch's for the module it came from."""
+    path = Path(cfg.backbone).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"backbone: {path} not found")
+    if cfg.precision == "bf16":
+        raise ConfigError("precision=bf16: an .onnx model is profiled in fp32, the precision of its graph")
+    meta = read_onnx_meta(path)
+    try:
+        session = onnx_session(path, device.type)
+    except UserError:
+        raise
+    except Exception as exc:  # onnxruntime's own error types
+        raise CheckpointError(f"{path}: onnxruntime cannot load it: {first_line(exc)}") from None
+    inp = session.get_inputs()[0]
+    if len(inp.shape) != 4 or not all(isinstance(s, int) for s in inp.shape[1:]):
+        raise ConfigError(f"{path}: input '{inp.name}' has shape {inp.shape}; profile needs [batch, 3, H, W] "
+                          "with H and W fixed")
+    h, w = int(inp.shape[2]), int(inp.shape[3])
+    if "img_size" in cfg.model_fields_set and (cfg.img_size, cfg.img_size) != (h, w):
+        raise ConfigError(f"img_size={cfg.img_size}: {path.name} has the fixed input size {h}x{w} chosen at "
+                          "export (leave img_size out)")
+    x = torch.randn(cfg.batch_size, 3, h, w)
+    kind = (meta or {}).get("kind")
+    head = _ONNX_HEADS.get(kind, "onnx") + (f" ({meta['head']})" if kind == "seg" and meta.get("head") else "")
+    base = {"model": str(path), "head": head, "img_size": h if h == w else f"{h}x{w}",
+            "batch_size": cfg.batch_size, "precision": "fp32"}
+    rows: list[dict[str, Any]] = []
+    params = None
+    pytorch = {**base, "runtime": "pytorch", "device": str(device)}
+    if meta is None:
+        rows.append({**pytorch, "note": f"skipped: no meddino {path.with_suffix('.json').name} beside it"})
+    else:
+        try:
+            form = load_form(meta["source"], meta.get("img_size"), meta.get("fold"))
+        except UserError as exc:
+            rows.append({**pytorch, "note": f"skipped: {first_line(exc)}"})
+        else:
+            module = form.module.to(device).eval()
+            params = count_params(module)
+            xd = x.to(device)
+
+            def call() -> None:
+                with torch.inference_mode():
+                    module(xd)
+
+            rows.append({**pytorch, "params_m": params / 1e6,
+                         **latency_stats(time_calls(call, cfg.warmup, cfg.repeats, device), cfg.batch_size),
+                         "note": f"rebuilt from {meta['source']}"})
+    provider = session.get_providers()[0]
+    feed = {inp.name: x.numpy()}
+    note = provider
+    if provider == "CUDAExecutionProvider":
+        note += "; input and outputs copied between host and device in every call"
+    elif device.type == "cuda":
+        note += " (this onnxruntime has no CUDA provider)"
+    # session.run returns host arrays, so it has finished when it returns: timed as a CPU call
+    stats = latency_stats(time_calls(lambda: session.run(None, feed), cfg.warmup, cfg.repeats, torch.device("cpu")),
+                          cfg.batch_size)
+    rows.append({**base, "runtime": "onnxruntime", "device": "cuda" if provider == "CUDAExecutionProvider" else "cpu",
+                 "params_m": params / 1e6 if params is not None else None, **stats, "note": note})
     return rows
 
 
@@ -298,7 +373,7 @@ def run_profile(cfg: ProfileConfig) -> Path:
 
 def print_table(rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
     table = Table(title=f"meddino profile on {machine.get('device_name', machine.get('device'))}")
-    cols = [("model", "model"), ("head", "head"), ("params (M)", "params_m"), ("batch", "batch_size"),
+    cols = [("model", "model"), ("head", "head"), ("runtime", "runtime"), ("params (M)", "params_m"), ("batch", "batch_size"),
             ("median ms", "latency_ms_median"), ("p95 ms", "latency_ms_p95"), ("FPS", "fps"),
             ("img/s (train)", "images_per_s"), ("max batch", "max_batch"), ("note", "note")]
     cols = [(t, k) for t, k in cols if any(r.get(k) not in (None, "") for r in rows)]
