@@ -445,6 +445,7 @@ def read_onnx_meta(path: str | Path) -> dict[str, Any] | None:
 
 def run_export_onnx(cfg: Any) -> int:
     """``meddino export onnx SRC OUT``: build the form, export, check, write; one summary line."""
+    _check_opset(cfg.opset, cfg.exporter)  # before any model is loaded
     form = load_form(cfg.src, cfg.img_size, cfg.fold)
     meta = export_onnx(form, cfg.out, cfg.src, cfg.opset, cfg.exporter, cfg.max_abs_diff)
     h, w = form.input_size
