@@ -400,7 +400,9 @@ def export_onnx(form: ExportForm, out: str | Path, source: str, opset: int = DEF
         except UserError:
             raise
         except Exception as exc:  # an operator the exporter cannot translate: named, with the exporter
-            raise OnnxCheckError(f"the {exporter} exporter failed on this model: {first_line(exc)}") from None
+            other = "dynamo" if exporter == "torchscript" else "torchscript"
+            raise OnnxCheckError(f"the {exporter} exporter failed on this model: {first_line(exc)} "
+                                 f"(exporter={other} may get through)") from None
         opset_used = _stamp(path, props)
         diffs = check_onnx(path, form, max_abs_diff)
         for name in sorted(os.listdir(tmp)):  # model.onnx and any external weight files
