@@ -12,9 +12,11 @@ A CSV manifest (``path`` ending in ``.csv``) lists files in a column ``image`` (
 folder or absolute) and optionally ``patient``; each row is expanded by the same rules (a row may name a
 video or a volume).
 
-Indexing is a sorted ``os.scandir`` walk that opens no image file (only video and volume headers are read
-for their length; with ``min_foreground`` volumes are read whole). The index lives in numpy arrays, a few
-bytes per sample, so millions of frames cost little memory in every DataLoader worker.
+Indexing (:mod:`meddino.data.index`) is a sorted depth-first walk, listed on threads, that opens no image
+file (only video and volume headers are read for their length; with ``min_foreground`` volumes are read
+whole). The index lives in flat numpy arrays (paths included, as one byte blob), a few bytes per sample, so
+millions of frames cost little memory in every DataLoader worker; :meth:`PretrainSource.from_index` uses one
+written once by ``meddino data index`` and memory-mapped.
 
 Unreadable samples never stop a run: ``__getitem__`` returns a :class:`Skipped` sentinel (path and reason)
 instead of raising. The collate functions (:func:`collate_skip_none`, or
@@ -31,7 +33,6 @@ persistent workers, which do not see ``set_epoch`` calls made in the main proces
 
 from __future__ import annotations
 
-import csv
 import inspect
 import os
 from collections import OrderedDict
@@ -44,11 +45,11 @@ import numpy as np
 from torch.utils.data import Dataset, default_collate
 
 from meddino.data import io, volumes
+from meddino.data.index import KIND_DICOM, KIND_FRAME, KIND_IMAGE, KIND_SLICE, SampleIndex, build_index
 from meddino.data.multicrop import sample_generator
-from meddino.data.video import read_frame_at, sample_times, video_duration
+from meddino.data.video import read_frame_at
 from meddino.errors import DataError, UserError
 
-KIND_IMAGE, KIND_DICOM, KIND_FRAME, KIND_SLICE = 0, 1, 2, 3
 KIND_NAMES = ("image", "dicom", "frame", "slice")
 
 
@@ -166,119 +167,40 @@ class PretrainSource(Dataset):
         self.volume_cache = volume_cache
         self._cache: OrderedDict[int, tuple[np.ndarray, float, float]] = OrderedDict()
         self._takes_generator = _accepts_generator(transform)
-        self.index_skipped: list[Skipped] = []
         self._build_index()
 
     # ------------------------------------------------------------------------------------ index
     def _build_index(self) -> None:
-        self.files: list[str] = []
-        self.patients: list[str | None] = []
-        kinds: list[int] = []
-        file_idx: list[int] = []
-        params: list[float] = []
-        axes: list[int] = []
-        if self.root.is_file() and self.root.suffix.lower() == ".csv":
-            entries = self._read_manifest(self.root)
-        elif self.root.is_file():
-            entries = [(str(self.root), None)]
-        else:
-            entries = ((p, None) for p in self._walk(str(self.root)))
-        for path, patient in entries:
-            before = len(kinds)
-            fid = len(self.files)
-            self.files.append(path)
-            self.patients.append(patient)
-            try:
-                self._index_file(path, fid, kinds, file_idx, params, axes)
-            except DataError as exc:
-                self.index_skipped.append(Skipped(path, str(exc)))
-            if len(kinds) == before:
-                self.files.pop()
-                self.patients.pop()
-        if not kinds:
-            raise DataError(
-                f"no usable images, videos, DICOM or volumes under {self.root}"
-                + (f" ({len(self.index_skipped)} unreadable)" if self.index_skipped else "")
-            )
-        self.kinds = np.asarray(kinds, dtype=np.int8)
-        self.file_index = np.asarray(file_idx, dtype=np.int64)
-        self.params = np.asarray(params, dtype=np.float64)
-        self.slice_axes = np.asarray(axes, dtype=np.int8)
+        """Index in memory with :func:`meddino.data.index.build_index` (flat arrays, no list per file)."""
+        self._use_index(build_index(self.root, fps=self.fps, axes=self.axes, window=self.window,
+                                    min_foreground=self.min_foreground, follow_symlinks=self.follow_symlinks))
 
-    def _walk(self, root: str) -> Iterable[str]:
-        """Sorted recursive walk with os.scandir (no stat beyond the directory entries)."""
-        stack = [root]
-        while stack:
-            folder = stack.pop()
-            try:
-                with os.scandir(folder) as it:
-                    entries = sorted(it, key=lambda e: e.name)
-            except OSError:
-                continue
-            subdirs = []
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                try:
-                    if entry.is_dir(follow_symlinks=self.follow_symlinks):
-                        subdirs.append(entry.path)
-                    elif entry.is_file(follow_symlinks=self.follow_symlinks):
-                        yield entry.path
-                except OSError:
-                    continue
-            stack.extend(reversed(subdirs))
+    def _use_index(self, index: SampleIndex) -> None:
+        self.index = index
+        self.files = index.files
+        self.patients = _Patients(index)
+        self.kinds = index.kinds
+        self.file_index = index.file_index
+        self.params = index.params
+        self.slice_axes = index.slice_axes
+        self.index_skipped = [Skipped(p, r) for p, r in index.skipped]
 
-    def _read_manifest(self, csv_path: Path) -> list[tuple[str, str | None]]:
-        try:
-            with open(csv_path, newline="") as fh:
-                reader = csv.DictReader(fh)
-                if not reader.fieldnames or "image" not in reader.fieldnames:
-                    raise DataError(f"manifest {csv_path} needs a column 'image' (has: {reader.fieldnames})")
-                rows = list(reader)
-        except UnicodeDecodeError:
-            raise DataError(f"manifest {csv_path} is not a text CSV file") from None
-        base = csv_path.parent
-        out = []
-        for row in rows:
-            name = (row.get("image") or "").strip()
-            if not name:
-                continue
-            p = Path(name).expanduser()
-            out.append((str(p if p.is_absolute() else base / p), (row.get("patient") or None)))
-        return out
-
-    def _index_file(self, path: str, fid: int, kinds: list[int], file_idx: list[int], params: list[float],
-                    axes: list[int]) -> None:
-        if io.is_image_file(path):
-            kinds.append(KIND_IMAGE)
-            file_idx.append(fid)
-            params.append(0.0)
-            axes.append(0)
-        elif io.is_video_file(path):
-            for t in sample_times(video_duration(path), self.fps):
-                kinds.append(KIND_FRAME)
-                file_idx.append(fid)
-                params.append(t)
-                axes.append(0)
-        elif io.is_volume_file(path):
-            if self.min_foreground is not None:
-                volume, _ = volumes.read_volume(path)
-                indices = [(axis, i) for axis, i, _ in volumes.volume_slices(volume, self.axes, self.window,
-                                                                               self.min_foreground)]
-            else:
-                shape = volumes.volume_shape(path)
-                indices = [(axis, i) for axis in self.axes for i in range(shape[axis])]
-            for axis, i in indices:
-                kinds.append(KIND_SLICE)
-                file_idx.append(fid)
-                params.append(float(i))
-                axes.append(axis)
-        elif io.is_dicom_file(path):
-            kinds.append(KIND_DICOM)
-            file_idx.append(fid)
-            params.append(0.0)
-            axes.append(0)
-        # anything else (txt, csv, json, ...) is not a sample: ignored silently
+    @classmethod
+    def from_index(cls, index: SampleIndex, transform: Callable[..., Any] | None = None,
+                   window: io.Window = None, seed: int = 0, volume_cache: int = 2) -> PretrainSource:
+        """A source over a built (usually memory-mapped, :func:`meddino.data.index.open_index`) index."""
+        self = cls.__new__(cls)
+        params = index.header.get("params", {})
+        self.root = Path(index.header.get("source", ""))
+        self.transform, self.window, self.seed, self.epoch = transform, window, int(seed), 0
+        self.fps, self.axes = float(params.get("fps", 1.0)), tuple(params.get("axes", (0,)))
+        self.min_foreground = params.get("min_foreground")
+        self.follow_symlinks = bool(params.get("follow_symlinks", True))
+        self.volume_cache = volume_cache
+        self._cache = OrderedDict()
+        self._takes_generator = _accepts_generator(transform)
+        self._use_index(index)
+        return self
 
     # ------------------------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -359,6 +281,19 @@ class PretrainSource(Dataset):
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}={v}" for k, v in self.counts().items())
         return f"PretrainSource({self.root}, {len(self)} samples: {parts}; {len(self.index_skipped)} unreadable)"
+
+
+class _Patients:
+    """``patients[fid]``: the manifest's patient of file ``fid`` or None, read from the index's codes."""
+
+    def __init__(self, index: SampleIndex):
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index.files)
+
+    def __getitem__(self, fid: int) -> str | None:
+        return self.index.patient(fid)
 
 
 def _accepts_generator(transform: Callable[..., Any] | None) -> bool:
