@@ -23,6 +23,7 @@ import csv
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
+from meddino.config import Schema
 from meddino.data import io
 from meddino.errors import DataError
 
@@ -143,7 +146,16 @@ def index_params(fps: float, axes: Iterable[int], min_foreground: float | None, 
             "follow_symlinks": bool(follow_symlinks)}
 
 
-def stale_reason(index: SampleIndex, params: dict[str, Any] | None = None, threads: int | None = None) -> str | None:
+def params_mismatch(index: SampleIndex, params: dict[str, Any]) -> str | None:
+    """``built with fps=1.0, this run asks fps=2.0`` when ``params`` differ from the index's, else None."""
+    built = index.header.get("params", {})
+    for name, value in params.items():
+        if built.get(name) != value:
+            return f"built with {name}={built.get(name)}, this run asks {name}={value}"
+    return None
+
+
+def stale_reason(index: SampleIndex, threads: int | None = None) -> str | None:
     """Why ``index`` no longer describes its source (None: it still does). Raises :class:`DataError` when
     the source is gone, since nothing could be rebuilt from it."""
     head = index.header
@@ -152,11 +164,6 @@ def stale_reason(index: SampleIndex, params: dict[str, Any] | None = None, threa
     if not os.path.exists(source):
         raise DataError(f"{where}: built from {source}, which no longer exists; point data.path at the data "
                         "(or rebuild the index with meddino data index PATH out=INDEX)")
-    if params is not None:
-        built = head["params"]
-        for name, value in params.items():
-            if built.get(name) != value:
-                return f"built with {name}={built.get(name)}, this run asks {name}={value}"
     key = head["key"]
     if key["type"] in ("manifest", "file"):
         if _stat_key(source) != key["stat"]:
@@ -528,15 +535,9 @@ def write_index(index: SampleIndex, out: str | os.PathLike[str]) -> Path:
 
 
 def is_index_file(path: str | os.PathLike[str]) -> bool:
-    """An ``.mdidx`` file, or any file starting with the index magic."""
-    p = Path(path)
-    if p.suffix == SUFFIX:
-        return True
-    try:
-        with open(p, "rb") as fh:
-            return fh.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
+    """An ``.mdidx`` file (whether intact or not: :func:`open_index` says), or any file with the magic."""
+    p = Path(path).expanduser()
+    return p.is_file() and (p.suffix == SUFFIX or _has_magic(p))
 
 
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
@@ -595,5 +596,51 @@ def open_index(path: str | os.PathLike[str]) -> SampleIndex:
     return index
 
 
-def say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+# ------------------------------------------------------------------------------------------ the verb
+class IndexConfig(Schema):
+    """Config of ``meddino data index``."""
+
+    path: str = Field(description="a folder (searched recursively), a CSV manifest (column image) or one file")
+    out: str | None = Field(None, description="the index file (default: beside PATH, PATH.mdidx)")
+    fps: float = Field(1.0, gt=0, description="frames per second sampled from videos")
+    volume_axes: list[int] = Field([0], description="volume axes to slice along")
+    threads: int | None = Field(None, ge=1, description="listing/header threads (default: 4 per core, at most 32)")
+
+
+def run_index(cfg: IndexConfig) -> int:
+    """Build the index of ``cfg.path`` with a progress bar and write it; an existing file that is not an
+    index is refused (nothing of the user's is overwritten), an existing index is replaced."""
+    src = Path(cfg.path).expanduser()
+    if not src.exists():
+        raise DataError(f"path: {src} not found")
+    for axis in cfg.volume_axes:
+        if axis not in (0, 1, 2):
+            raise DataError(f"volume_axes must be among 0, 1, 2, got {cfg.volume_axes}")
+    out = Path(cfg.out).expanduser() if cfg.out else default_index_path(src)
+    if out.is_dir():
+        raise DataError(f"out: {out} is a folder; give the index file's name (e.g. {out / ('data' + SUFFIX)})")
+    if out.exists() and not _has_magic(out):
+        raise DataError(f"out: {out} exists and is not a meddino index; choose another name")
+    if os.path.abspath(out).startswith(os.path.abspath(src) + os.sep) and src.is_dir():
+        raise DataError(f"out: {out} is inside the folder it indexes (writing it would change the folder); "
+                        "put it beside the folder")
+    start = time.perf_counter()
+    index = build_index(src, fps=cfg.fps, axes=cfg.volume_axes, threads=cfg.threads, progress=True, absolute=True)
+    write_index(index, out)
+    took = time.perf_counter() - start
+    counts = ", ".join(f"{v} {k}" for k, v in index.counts().items())
+    print(f"indexed {len(index)} samples ({counts}) of {len(index.files)} files in {took:.1f} s -> {out} "
+          f"({os.path.getsize(out) / 2**20:.1f} MiB)")
+    if index.skipped:
+        path, reason = index.skipped[0]
+        print(f"skipped {len(index.skipped)} unreadable file(s); first: {reason if path in reason else f'{path}: {reason}'}",
+              file=sys.stderr)
+    return 0
+
+
+def _has_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False

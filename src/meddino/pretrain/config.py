@@ -160,6 +160,10 @@ class DataConfig(Schema):
     fps: float = Field(1.0, gt=0)
     volume_axes: list[int] = [0]
     window: str | tuple[float, float] | None = None
+    # the sample index: auto = PATH.mdidx beside the data when there (meddino data index), else built by
+    # rank 0 into the run folder and memory-mapped by every rank; off = indexed in memory by each process;
+    # a file name = that index (built there when missing, rebuilt when stale)
+    index: str = "auto"
     num_workers: int = Field(4, ge=0)
     batch_size: int = Field(64, ge=1)  # per process
 

@@ -16,6 +16,7 @@ record, the collate drops it from the batch, and the engine counts the distinct 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,17 +25,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from meddino.data import index as dx
 from meddino.data import io
 from meddino.data.multicrop import MultiCropAugmentation, collate_multicrop, sample_generator
 from meddino.data.sources import KIND_NAMES, PretrainSource, Skipped
-from meddino.errors import ConfigError, DataError, first_line
+from meddino.errors import ConfigError, DataError, UserError, first_line
 from meddino.pretrain.config import PretrainConfig
 
 
-def build_source(cfg: PretrainConfig) -> Any:
+def build_source(cfg: PretrainConfig, out: str | Path | None = None, is_main: bool = True) -> Any:
     """:class:`meddino.data.sources.PretrainSource` over ``data.path`` (image/DICOM folders, CSV manifests,
-    videos sampled at ``data.fps``, volumes sliced along ``data.volume_axes``). The multi-crop is applied
-    here (not by the source) so that the per-sample seed can follow the sampler's positions."""
+    videos sampled at ``data.fps``, volumes sliced along ``data.volume_axes``, or an index file). The
+    multi-crop is applied here (not by the source) so that the per-sample seed can follow the sampler's
+    positions. The index follows ``data.index`` (:func:`shared_index`)."""
     if not cfg.data.path:
         raise ConfigError("data.path: give a folder of images/videos/DICOM/volumes or a manifest CSV")
     root = Path(cfg.data.path).expanduser()
@@ -42,19 +45,111 @@ def build_source(cfg: PretrainConfig) -> Any:
         raise DataError(f"data.path not found: {root}")
     d = cfg.data
     window = tuple(d.window) if isinstance(d.window, (list, tuple)) else d.window
-    source = PretrainSource(root, transform=None, fps=d.fps, axes=tuple(d.volume_axes), window=window,
-                            seed=cfg.train.seed)
+    io.resolve_window(window, "data.window")
+    index = shared_index(cfg, out, is_main)
+    if index is None:
+        source = PretrainSource(root, transform=None, fps=d.fps, axes=tuple(d.volume_axes), window=window,
+                                seed=cfg.train.seed)
+    else:
+        source = PretrainSource.from_index(index, window=window, seed=cfg.train.seed)
     if len(source) == 0:
         raise DataError(f"data.path: no images, videos, DICOM files or volumes found in {root}")
     if d.kind != "auto":
         sample_kind = {"image": "image", "dicom": "dicom", "video": "frame", "volume": "slice"}[d.kind]
 
-        keep = np.flatnonzero(np.asarray(source.kinds) == KIND_NAMES.index(sample_kind)).tolist()
-        if not keep:
+        keep = np.flatnonzero(np.asarray(source.kinds) == KIND_NAMES.index(sample_kind))
+        if not len(keep):
             raise DataError(f"data.kind={d.kind}: none found in {root} (found: {source.counts()})")
         if len(keep) < len(source):
             source = _KindSubset(source, keep)
     return source
+
+
+def shared_index(cfg: PretrainConfig, out: str | Path | None = None, is_main: bool = True) -> Any:
+    """The memory-mapped :class:`~meddino.data.index.SampleIndex` ``data.index`` asks for, or None (index
+    in memory: ``data.index=off``, or ``auto`` without an index beside the data and without a run folder).
+
+    Rank 0 alone checks, builds or rebuilds the file (a stale one with one line saying why); the other
+    ranks wait in a broadcast that also carries rank 0's error, so a refusal ends every rank alike.
+    """
+    from meddino.pretrain.distributed import broadcast_object  # why: torch.distributed only here
+
+    d = cfg.data
+    root = Path(d.path).expanduser()
+    mode = d.index
+    if mode == "off" and not dx.is_index_file(root):
+        return None
+    result: tuple[str, str] | None = None
+    if is_main:
+        try:
+            built = _ensure_index(cfg, root, out)
+            result = ("ok", str(built) if built else "")
+        except UserError as exc:
+            result = ("error", str(exc))
+    result = broadcast_object(result)
+    status, value = result
+    if status == "error":
+        raise DataError(value)
+    return dx.open_index(value) if value else None
+
+
+def _ensure_index(cfg: PretrainConfig, root: Path, out: str | Path | None) -> Path | None:
+    """Rank 0: the path of a valid index for ``data.path`` (checked, built or rebuilt), or None."""
+    d = cfg.data
+    params = dx.index_params(d.fps, d.volume_axes, None, None, True)
+    if dx.is_index_file(root):  # data.path is an index: its source and parameters
+        index = dx.open_index(root)
+        wrong = dx.params_mismatch(index, params)
+        if wrong:
+            raise ConfigError(f"data.path: the index {root} was {wrong}; set the index's value "
+                              f"or rebuild it with meddino data index {index.header['source']} out={root}")
+        return _fresh_or_rebuilt(index, root, params)
+    source = os.path.abspath(root)
+    if d.index == "auto":
+        beside = dx.default_index_path(root)
+        fallback = Path(out) / "data.mdidx" if out else None
+        if beside.is_file():
+            index = dx.open_index(beside)
+            if index.header.get("source") == source and not dx.params_mismatch(index, params):
+                return _fresh_or_rebuilt(index, beside, params, fallback)
+        if fallback is None:
+            return None
+        target = fallback
+    else:
+        target = Path(d.index).expanduser()
+    if target.is_file():
+        index = dx.open_index(target)
+        if index.header.get("source") != source:
+            raise ConfigError(f"data.index: {target} indexes {index.header.get('source')}, not data.path "
+                              f"{source}; give another file or data.index=auto")
+        wrong = dx.params_mismatch(index, params)
+        if wrong:
+            dx.say(f"meddino: the index {target} was {wrong}; rebuilding it")
+            return _build(root, target, params)
+        return _fresh_or_rebuilt(index, target, params)
+    if target.exists():
+        raise ConfigError(f"data.index: {target} is not a file")
+    return _build(root, target, params)
+
+
+def _fresh_or_rebuilt(index: Any, path: Path, params: dict[str, Any], fallback: Path | None = None) -> Path:
+    reason = dx.stale_reason(index)
+    if reason is None:
+        return path
+    source = Path(index.header["source"])
+    try:
+        dx.say(f"meddino: the index {path} is stale ({reason}); rebuilding it")
+        return _build(source, path, params)
+    except PermissionError:
+        if fallback is None:
+            raise
+        dx.say(f"meddino: {path} is not writable; the rebuilt index goes to {fallback}")
+        return _build(source, fallback, params)
+
+
+def _build(source: Path, target: Path, params: dict[str, Any]) -> Path:
+    index = dx.build_index(source, fps=params["fps"], axes=params["axes"], progress=True, absolute=True)
+    return dx.write_index(index, target)
 
 
 def require_full_batch(source: Any, global_batch: int, root: str | Path) -> None:
@@ -110,7 +205,7 @@ def _relative(path: str, root: str | Path | None) -> str:
 class _KindSubset:
     """The samples of one kind of a source (``data.kind``), with the source's ``load``/``describe``."""
 
-    def __init__(self, source: Any, indices: list[int]):
+    def __init__(self, source: Any, indices: np.ndarray):
         self.source, self.indices = source, indices
         self.index_skipped = getattr(source, "index_skipped", [])
 
@@ -118,10 +213,10 @@ class _KindSubset:
         return len(self.indices)
 
     def load(self, index: int) -> Any:
-        return self.source.load(self.indices[index])
+        return self.source.load(int(self.indices[index]))
 
     def describe(self, index: int) -> dict[str, Any]:
-        return self.source.describe(self.indices[index])
+        return self.source.describe(int(self.indices[index]))
 
     def counts(self) -> dict[str, int]:
         kinds = np.asarray(self.source.kinds)[self.indices]

@@ -129,7 +129,7 @@ class Trainer:
     def setup(self, require_batch: bool = True) -> None:
         """The data source (refused when it cannot fill one global batch, unless ``require_batch=False``:
         the profiler feeds synthetic batches), then model, optimiser, schedules and (on resume) state."""
-        self.source = build_source(self.cfg)
+        self.source = build_source(self.cfg, out=self.out, is_main=self.env.is_main)
         if require_batch:
             require_full_batch(self.source, self.global_batch, Path(self.cfg.data.path).expanduser())
         self.setup_model(len(self.source))
