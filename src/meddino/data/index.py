@@ -644,3 +644,8 @@ def _has_magic(path: Path) -> bool:
             return fh.read(len(MAGIC)) == MAGIC
     except OSError:
         return False
+
+
+def say(line: str) -> None:
+    """One line on stderr (the stale-index notice), flushed so it precedes a rebuild's progress."""
+    print(line, file=sys.stderr, flush=True)

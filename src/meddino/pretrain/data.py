@@ -29,6 +29,7 @@ from meddino.data import index as dx
 from meddino.data import io
 from meddino.data.multicrop import MultiCropAugmentation, collate_multicrop, sample_generator
 from meddino.data.sources import KIND_NAMES, PretrainSource, Skipped
+from meddino import errors
 from meddino.errors import ConfigError, DataError, UserError, first_line
 from meddino.pretrain.config import PretrainConfig
 
@@ -83,13 +84,12 @@ def shared_index(cfg: PretrainConfig, out: str | Path | None = None, is_main: bo
     if is_main:
         try:
             built = _ensure_index(cfg, root, out)
-            result = ("ok", str(built) if built else "")
+            result = ("", str(built) if built else "")
         except UserError as exc:
-            result = ("error", str(exc))
-    result = broadcast_object(result)
-    status, value = result
-    if status == "error":
-        raise DataError(value)
+            result = (type(exc).__name__, str(exc))
+    error, value = broadcast_object(result)
+    if error:  # the same refusal on every rank, of the same class
+        raise getattr(errors, error, DataError)(value)
     return dx.open_index(value) if value else None
 
 

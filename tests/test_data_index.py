@@ -1,0 +1,216 @@
+"""The sample index built once (``meddino data index``), memory-mapped by pretraining, rebuilt when stale."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from meddino.config import load_config
+from meddino.data import index as dx
+from meddino.data.sources import PretrainSource
+from meddino.errors import ConfigError, DataError
+from meddino.pretrain.config import PretrainConfig
+from meddino.pretrain.data import build_source, shared_index
+
+
+def _png(path: Path, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _tree(root: Path) -> Path:
+    """Nested folders, hidden entries and non-samples, names chosen so that sorting matters."""
+    for i, rel in enumerate(["b.png", "a.png", "z/c.png", "z/b/d.png", "y/e.jpg", "y/10.png", "y/9.png",
+                             ".hidden/x.png", "y/.h.png"]):
+        _png(root / rel, i)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def _reference_walk(root: str) -> list[str]:
+    """The plain sorted depth-first walk (a folder's files, then its subfolders) the index must match."""
+    out, subdirs = [], []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        (subdirs if entry.is_dir() else out).append(entry.path)
+    for d in subdirs:
+        out += _reference_walk(d)
+    return out
+
+
+def _cfg(data, out, *extra: str) -> PretrainConfig:
+    return load_config(PretrainConfig, "dinov2_tiny", [f"data.path={data}", f"out={out}", *extra], "pretrain")
+
+
+def test_threaded_walk_keeps_the_sorted_depth_first_order_and_the_file_round_trips(tmp_path):
+    root = _tree(tmp_path / "data")
+    walked, dirs = dx.walk_folder(str(root), threads=4)
+    assert [os.path.join(root, f) for f in walked] == _reference_walk(str(root))
+    images = [p for p in _reference_walk(str(root)) if p.endswith((".png", ".jpg"))]
+    assert sorted(d for d, _ in dirs) == ["", "y", "z", "z/b"]
+
+    index = dx.build_index(root, threads=4, absolute=True)
+    assert list(index.files) == images and len(index) == 7
+    out = dx.write_index(index, tmp_path / "data.mdidx")
+    mapped = dx.open_index(out)
+    assert isinstance(mapped.kinds, np.memmap) or isinstance(mapped.kinds.base, np.memmap)
+    assert list(mapped.files) == images and mapped.counts() == {"image": 7}
+    assert dx.stale_reason(mapped) is None
+    # in memory, PretrainSource gives the same samples in the same order as from the mapped file
+    memory, from_file = PretrainSource(root), PretrainSource.from_index(mapped)
+    assert [memory.describe(i) for i in range(len(memory))] == [from_file.describe(i) for i in range(7)]
+    # a written index crosses to worker processes as its file name, not as its arrays
+    assert len(pickle.dumps(mapped)) < 200 and list(pickle.loads(pickle.dumps(mapped)).files) == images
+
+
+def test_manifest_rows_patients_and_dropped_rows(tmp_path):
+    _png(tmp_path / "img" / "a.png")
+    _png(tmp_path / "img" / "b.png", 1)
+    (tmp_path / "img" / "c.txt").write_text("x")
+    csv = tmp_path / "m.csv"
+    csv.write_text("image,patient\nimg/a.png,P1\n,P9\nimg/c.txt,P2\n./img//b.png,P3\n" f"{tmp_path / 'img/a.png'},\n")
+    index = dx.build_index(csv)
+    src = PretrainSource(csv)
+    assert len(index) == 3 == len(src)
+    assert [src.describe(i)["patient"] for i in range(3)] == ["P1", "P3", None]
+    assert src.describe(1)["path"] == str(tmp_path / "img" / "b.png")
+    assert index.header["key"]["type"] == "manifest"
+
+
+def test_stale_indexes_say_why_and_a_vanished_source_is_refused(tmp_path):
+    root = _tree(tmp_path / "data")
+    mapped = dx.open_index(dx.write_index(dx.build_index(root, absolute=True), tmp_path / "i.mdidx"))
+    _png(root / "z" / "b" / "new.png")
+    assert "1 folder(s) under" in dx.stale_reason(mapped)
+
+    csv = tmp_path / "m.csv"
+    csv.write_text("image\ndata/a.png\n")
+    by_csv = dx.open_index(dx.write_index(dx.build_index(csv, absolute=True), tmp_path / "m.mdidx"))
+    assert dx.stale_reason(by_csv) is None
+    csv.write_text("image\ndata/a.png\ndata/b.png\n")
+    assert "changed since the index was built" in dx.stale_reason(by_csv)
+    assert dx.params_mismatch(by_csv, dx.index_params(2.0, [0], None, None, True)) == \
+        "built with fps=1.0, this run asks fps=2.0"
+
+    csv.unlink()
+    with pytest.raises(DataError, match="which no longer exists"):
+        dx.stale_reason(by_csv)
+
+
+@pytest.mark.parametrize("damage", ["magic", "truncated", "header"])
+def test_a_corrupt_index_is_one_data_error(tmp_path, damage):
+    root = _tree(tmp_path / "data")
+    path = dx.write_index(dx.build_index(root, absolute=True), tmp_path / "i.mdidx")
+    raw = path.read_bytes()
+    if damage == "magic":
+        path.write_bytes(os.urandom(64))
+    elif damage == "truncated":
+        path.write_bytes(raw[: len(raw) - 200])
+    else:
+        path.write_bytes(raw[:24] + b"{nope" + raw[29:])
+    with pytest.raises(DataError, match="meddino index") as err:
+        dx.open_index(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_pretrain_builds_once_into_the_run_folder_reuses_it_and_rebuilds_a_stale_one(tmp_path, capsys):
+    root = _tree(tmp_path / "data")
+    run = tmp_path / "run"
+    cfg = _cfg(root, run)
+    source = build_source(cfg, out=run)
+    target = run / "data.mdidx"
+    assert target.is_file() and len(source) == 7 and source.index.path == str(target)
+    built_at = target.stat().st_mtime_ns
+    time.sleep(0.01)
+    again = build_source(cfg, out=run)
+    assert target.stat().st_mtime_ns == built_at and len(again) == 7
+    assert "stale" not in capsys.readouterr().err
+
+    _png(root / "y" / "new.png")
+    rebuilt = build_source(cfg, out=run)
+    err = capsys.readouterr().err
+    assert "is stale (1 folder(s) under" in err and "rebuilding it" in err and len(rebuilt) == 8
+
+    # off: today's in-memory index, nothing written
+    off_run = tmp_path / "off"
+    assert len(build_source(_cfg(root, off_run, "data.index=off"), out=off_run)) == 8
+    assert not off_run.exists()
+    # the index beside the data (meddino data index) is used in place of building one
+    beside = dx.write_index(dx.build_index(root, absolute=True), dx.default_index_path(root))
+    other = tmp_path / "run2"
+    assert shared_index(_cfg(root, other), out=other).path == str(beside) and not other.exists()
+
+
+def test_an_index_of_other_data_or_parameters_is_refused_not_overwritten(tmp_path):
+    a, b = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    idx = dx.write_index(dx.build_index(a, absolute=True), tmp_path / "a.mdidx")
+    with pytest.raises(ConfigError, match="indexes .* not data.path"):
+        build_source(_cfg(b, tmp_path / "run", f"data.index={idx}"))
+    with pytest.raises(ConfigError, match="was built with fps=1.0, this run asks fps=2.0"):
+        build_source(_cfg(idx, tmp_path / "run", "data.fps=2"))
+    assert len(build_source(_cfg(idx, tmp_path / "run"))) == 7  # data.path may be the index itself
+
+
+def test_cli_index_verb_and_refusals(tmp_path, cli):
+    root = _tree(tmp_path / "data")
+    res = cli("data", "index", root)
+    assert res.returncode == 0, res.stderr
+    assert "indexed 7 samples (7 image) of 7 files" in res.stdout and dx.default_index_path(root).is_file()
+    mine = tmp_path / "mine.txt"
+    mine.write_text("keep me")
+    with pytest.raises(DataError, match="exists and is not a meddino index"):
+        dx.run_index(dx.IndexConfig(path=str(root), out=str(mine)))
+    assert mine.read_text() == "keep me"
+    with pytest.raises(DataError, match="inside the folder it indexes"):
+        dx.run_index(dx.IndexConfig(path=str(root), out=str(root / "i.mdidx")))
+
+    bad = tmp_path / "bad.mdidx"
+    bad.write_bytes(os.urandom(100))
+    res = cli("pretrain", "--config", "dinov2_tiny", f"out={tmp_path / 'run'}", f"data.path={bad}")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "not a meddino index file (wrong magic bytes)" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def _gloo_rank(rank: int, port: int, root: str, run: str, queue) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MEDDINO_QUIET="1")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cfg = _cfg(root, run)
+        source = build_source(cfg, out=run, is_main=rank == 0)
+        queue.put((rank, len(source), source.index.path, Path(run, "data.mdidx").stat().st_mtime_ns))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_zero_builds_while_the_other_rank_waits_then_both_map_it(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    root = _tree(tmp_path / "data")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_rank, args=(r, port, str(root), str(tmp_path / "run"), queue)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert all(p.exitcode == 0 for p in procs)
+    got = sorted(queue.get(timeout=5) for _ in procs)
+    assert [g[1] for g in got] == [7, 7] and got[0][2] == got[1][2] == str(tmp_path / "run" / "data.mdidx")
+    assert got[0][3] == got[1][3]  # one file, written once
