@@ -13,6 +13,7 @@ if [ "$device" = "cpu" ]; then
     run seg_inference --size 224 --iters 20 --baselines
     run phase_online --frames 50 --warmup 5
     run pretrain_throughput --batch 4 --steps 3
+    run data_index --rows 1000000 --epoch 100000 --workers 8 --folder 50000
 else
     run linear_grid --device cuda
     run seg_inference --device cuda --size 224 --iters 100 --baselines
