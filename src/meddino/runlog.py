@@ -1,20 +1,20 @@
 """The run folder and progress reporting.
 
 A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per logged
-step), TensorBoard events when tensorboard is installed, and whatever the task writes (checkpoints/,
-predictions/, results.json). Files that must never be half-written go through :func:`atomic_write`.
+step), what the trackers of the config's ``log`` block write there (``tensorboard/``, ``mlruns/``,
+``wandb/``, ``tracking.json``), and whatever the task writes (checkpoints/, predictions/, results.json).
+Files that must never be half-written go through :func:`atomic_write`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from meddino.config import to_yaml
 from meddino.errors import UserError
+from meddino.tracking import LogConfig, Tracker, flatten
 
 T = TypeVar("T")
 
@@ -173,41 +174,110 @@ def _run_owner(folder: Path) -> tuple[str | None, bool]:
 
 
 class RunDir:
-    """A run's output folder: resolved config, metrics.jsonl, optional TensorBoard."""
+    """A run's output folder: the resolved config, metrics.jsonl, and the trackers of the config's ``log``
+    block (TensorBoard, MLflow, W&B: :mod:`meddino.tracking`), opened on rank 0 only.
 
-    def __init__(self, path: str | Path, config: BaseModel | None = None, tensorboard: bool = True):
+    ``resume_from``: the last step a continued run keeps (pretraining's resume: its checkpoint's iteration):
+    each tracker goes on in the run it started (``tracking.json`` names it) and TensorBoard hides the events
+    an earlier attempt logged after that step.
+    :meth:`close` logs the ``metrics`` of ``results.json`` as ``results/...`` and ends the tracked run;
+    a runner that does not close its RunDir has it closed by :func:`meddino.verbs.run_verb` (or at exit).
+    """
+
+    def __init__(self, path: str | Path, config: BaseModel | None = None, resume_from: int | None = None):
         self.path = Path(path).expanduser()
         self.path.mkdir(parents=True, exist_ok=True)
-        self._tb = None
+        self.tracker: Tracker | None = None
+        log = getattr(config, "log", None)
+        if isinstance(log, LogConfig) and log.trackers and _is_main_process():  # first: a refusal writes nothing
+            state = _read_json(self.path / TRACKING_STATE)
+            self.tracker = Tracker.open(log, self.path, config.model_dump(mode="json"), state, resume_from)
+            write_json(self.path / TRACKING_STATE, self.tracker.state())
+            _OPEN_RUNS.append(self)
+            _close_at_exit()
         if config is not None:
             with atomic_write(self.path / "config.yaml", "w") as fh:
                 fh.write(to_yaml(config))
-        if tensorboard and _is_main_process():
-            with contextlib.suppress(ImportError):
-                from torch.utils.tensorboard import SummaryWriter  # why: optional (test extra); torch-free module
-
-                self._tb = SummaryWriter(str(self.path / "tensorboard"))
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
-    def log(self, step: int, **values: Any) -> None:
-        """Append one JSON line ``{"step": step, **values}`` (rank 0 only) and mirror scalars to TB."""
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.close(failed=exc_type is not None)
+
+    @property
+    def tracks_images(self) -> bool:
+        """Whether a tracker is open that takes images (worth drawing a figure for)."""
+        return self.tracker is not None and bool(self.tracker.backends)
+
+    def log(self, step: int, group: Mapping[str, Any] | None = None, **values: Any) -> None:
+        """Append one JSON line ``{"step": step, **group, **values}`` (rank 0 only) and send its numbers to
+        the trackers; ``group`` (``{"fold": 0}``) names the curves of a part whose steps restart
+        (``fold0/train_loss``)."""
         if not _is_main_process():
             return
         row = {"step": int(step), "time": round(time.time(), 3)}
-        row.update({k: _scalar(v) for k, v in values.items()})
+        row.update({k: _scalar(v) for k, v in {**(group or {}), **values}.items()})
         with open(self.path / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row, default=_json_default) + "\n")
-        if self._tb is not None:
-            for key, value in row.items():
-                if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+        if self.tracker is not None:
+            self.tracker.scalars(step, {k: v for k, v in row.items() if k not in ("step", "time")}, group)
 
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+    def image(self, tag: str, rgb: Any, step: int | None = None) -> None:
+        """An (H, W, 3) uint8 image for the trackers (metrics.jsonl has no place for it)."""
+        if self.tracker is not None:
+            self.tracker.image(tag, rgb, step)
+
+    def artifact(self, path: str | Path) -> None:
+        """A file of this run folder for the trackers that keep files (MLflow, W&B)."""
+        if self.tracker is not None:
+            self.tracker.artifact(Path(path), self.path)
+
+    def close(self, failed: bool = False) -> None:
+        """End the tracked run (FAILED with ``failed``), after the metrics of results.json when it did not
+        fail. Idempotent."""
+        tracker, self.tracker = self.tracker, None
+        if self in _OPEN_RUNS:
+            _OPEN_RUNS.remove(self)
+        if tracker is None:
+            return
+        if not failed:
+            results = _read_json(self.path / "results.json").get("metrics")
+            if isinstance(results, dict):
+                tracker.scalars(tracker.last_step, dict(list(flatten(results, "results/").items())[:500]))
+        tracker.close(failed)
+
+
+_OPEN_RUNS: list[RunDir] = []
+_AT_EXIT: list[bool] = []
+TRACKING_STATE = "tracking.json"  # the tracked runs of a run folder (MLflow run id, W&B run id)
+
+
+def close_open_runs(failed: bool = False) -> None:
+    """Close every RunDir still open (a runner returned without closing its own)."""
+    for run in list(_OPEN_RUNS):
+        run.close(failed)
+
+
+def _close_at_exit() -> None:
+    """Close open runs when the interpreter exits: FAILED after an uncaught exception (``sys.last_value``)."""
+    if not _AT_EXIT:
+        import atexit
+
+        atexit.register(lambda: close_open_runs(failed=getattr(sys, "last_value", None) is not None))
+        _AT_EXIT.append(True)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file, or {} when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _scalar(v: Any) -> Any:

@@ -20,7 +20,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from meddino.config import load_config
-from meddino.runlog import claim_run_folder, complete_run_folder, release_run_folder
+from meddino.runlog import claim_run_folder, close_open_runs, complete_run_folder, release_run_folder
+from meddino.tracking import LogConfig, check_backends
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,22 @@ def load_verb_config(verb: Verb, recipe: str | None = None, overrides: Iterable[
 
 def run_verb(verb: Verb, recipe: str | None = None, overrides: Iterable[str] = (),
              values: dict[str, Any] | None = None, force: bool = False) -> int:
-    """Validate the config, claim the run folder (nothing already there is overwritten unless ``force``),
-    then call the verb's runner; returns its exit code."""
+    """Validate the config (and that the tracking backends of its ``log`` block are installed), claim the
+    run folder (nothing already there is overwritten unless ``force``), then call the verb's runner; returns
+    its exit code. A tracked run the runner left open is closed (FAILED when the runner failed)."""
     cfg = load_verb_config(verb, recipe, overrides, values)
+    if isinstance(getattr(cfg, "log", None), LogConfig):
+        check_backends(cfg.log)
+    try:
+        code = _run_claimed(verb, cfg, force)
+    except BaseException:
+        close_open_runs(failed=True)
+        raise
+    close_open_runs(failed=code != 0)
+    return code
+
+
+def _run_claimed(verb: Verb, cfg: Any, force: bool) -> int:
     folder = None
     if verb.run_folder:
         folder = cfg

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from meddino.config import Schema
 from meddino.models.archs import ALIASES, version_of_timm_name
+from meddino.tracking import LogConfig
 
 Version = Literal["v1", "v2", "v3"]
 
@@ -269,6 +270,7 @@ class PretrainConfig(Schema):
     head_warmup: HeadWarmupConfig = HeadWarmupConfig()
     monitor: MonitorConfig = MonitorConfig()
     health: HealthConfig = HealthConfig()
+    log: LogConfig = LogConfig()
     init: str | None = None
     out: str = "runs/pretrain"
     resume: str | None = None  # null | auto | checkpoint path

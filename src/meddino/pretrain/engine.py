@@ -65,11 +65,12 @@ from meddino.pretrain.distributed import (
     mean_over_ranks,
     wrap_student,
 )
+from meddino.pretrain.figures import knn_curve, pca_panel
 from meddino.pretrain.health import CollapseDetector, HealthWindow, log_health
 from meddino.pretrain.method import SSLObjective, Student, build_student, iteration_masks
 from meddino.pretrain.monitor import KNNMonitor
 from meddino.pretrain.optim import Schedules, apply_schedules, build_optimizer, clip_and_freeze
-from meddino.runlog import Progress, RunDir, write_json
+from meddino.runlog import Progress, RunDir, read_metrics, write_json
 
 
 class TrainingCollapsed(UserError):
@@ -301,7 +302,17 @@ class Trainer:
     def fit(self) -> None:
         self.setup()
         cfg, env = self.cfg, self.env
-        run = RunDir(self.out, cfg if env.is_main else None, tensorboard=False)
+        # a resumed run goes on in the tracked run it started (tracking.json), from its checkpoint's iteration
+        run = RunDir(self.out, cfg if env.is_main else None, resume_from=self.start_iter or None)
+        try:
+            self._fit(run)
+        except BaseException:
+            run.close(failed=True)
+            raise
+        run.close()
+
+    def _fit(self, run: RunDir) -> None:
+        cfg, env = self.cfg, self.env
         self._write_data_summary()
         if self.start_iter > 0 and env.is_main:
             ckpt.truncate_metrics(self.out / "metrics.jsonl", self.start_iter)
@@ -312,7 +323,7 @@ class Trainer:
                 print(f"nothing to do: the checkpoint is at iteration {self.start_iter} "
                       f"(train.iterations={total}, train.stop_at={cfg.train.stop_at})", file=sys.stderr)
             if self.start_iter >= total:
-                self._final_export()
+                self._final_export(run)
             return
         augment = build_augmentation(cfg, self.mean, self.std)
         dataset = CropDataset(self.source, augment, cfg.train.seed)
@@ -350,13 +361,12 @@ class Trainer:
                 if done % cfg.train.checkpoint_every == 0 or done == end:
                     self.save(done)
                 it = done
-        run.close()
         if end < total:
             if env.is_main:
                 print(f"stopped at iteration {end} of {total} (train.stop_at); continue with resume=auto",
                       file=sys.stderr)
             return
-        self._final_export()
+        self._final_export(run)
 
     def _log_step(self, run: RunDir, it: int, terms: dict[str, torch.Tensor], t_log: float, n_log: int,
                   health_bar: dict[str, float]) -> float:
@@ -405,6 +415,17 @@ class Trainer:
             key = path.split(" ", 1)[0] if path.startswith("#") else path
             self._local_skipped[key] = str(s)
 
+    def _log_figures(self, run: RunDir, teacher_bb: nn.Module) -> None:
+        """The end-of-run images for the trackers: the final teacher's PCA map of a few pretraining images,
+        and the monitor's kNN accuracy over the iterations (when it ran)."""
+        step = self.cfg.train.iterations
+        panel = pca_panel(teacher_bb, self.source, self.cfg.crops.global_size, self.mean, self.std)
+        if panel is not None:
+            run.image("pretrain/pca", panel, step)
+        curve = knn_curve(read_metrics(self.out))
+        if curve is not None:
+            run.image("pretrain/knn_curve", curve, step)
+
     def _merge_skipped(self) -> None:
         """Union of the unreadable files seen by every rank (a collective: called at log/checkpoint steps)."""
         local, self._local_skipped = self._local_skipped, {}
@@ -431,11 +452,13 @@ class Trainer:
         if self.env.is_main:
             write_json(self.out / "data_summary.json", data_summary(self.cfg, self.source, self.skipped))
 
-    def _final_export(self) -> None:
+    def _final_export(self, run: RunDir | None = None) -> None:
         teacher_bb = self.teacher_backbone()
         self._write_data_summary()  # with every unreadable file the run met (merged at the last save)
         if self.env.is_main:
             path = export_backbone(teacher_bb, self.out / "teacher_backbone.safetensors")
+            if run is not None and run.tracks_images:
+                self._log_figures(run, teacher_bb)
             n = len(self.skipped)
             if n:  # a clean run says nothing about it
                 print(f"skipped {n} unreadable file{'s' if n != 1 else ''}", file=sys.stderr)

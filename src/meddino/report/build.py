@@ -26,6 +26,7 @@ What is computed, and how it follows seed 000 (see docs/report.md):
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import math
 import sys
@@ -42,7 +43,7 @@ from meddino.report.figures import curve_panels, curves_figure, encoder_boxplot,
 from meddino.report.html import render
 from meddino.report.model import UNIT_KIND, BootstrapConfig, GroupBootstrap, Report, ReportConfig
 from meddino.report.predictions import ClassificationRows, UnitValues, load_predictions
-from meddino.runlog import atomic_write
+from meddino.runlog import RunDir, atomic_write
 
 
 # ------------------------------------------------------------------------------------------ pure helpers
@@ -448,15 +449,24 @@ def run_report(cfg: ReportConfig) -> Path:
     rep = make_report(cfg)
     root = Path(cfg.runs).expanduser()
     out = Path(cfg.out).expanduser() if cfg.out else root / "report"
+    run = RunDir(out, cfg)  # config.yaml, and the trackers of cfg.log (figures, tables and the page)
     for name, rows in rep.tables.items():
         write_csv(out / "tables" / f"{name}.csv", rows)
+        run.artifact(out / "tables" / f"{name}.csv")
     for name, png in rep.figures.items():
         with atomic_write(out / "figures" / f"{_safe(name)}.png", "wb") as fh:  # "ranks_task [knn]"
             fh.write(png)
+        if run.tracks_images:
+            from PIL import Image  # why: only to hand a figure to a tracker
+
+            with Image.open(io.BytesIO(png)) as img:
+                run.image(f"report/{_safe(name)}", np.asarray(img.convert("RGB")), 0)
     page = render(rep)
     path = out / "report.html"
     with atomic_write(path, "w") as fh:
         fh.write(page)
+    run.artifact(path)
+    run.close()
     for w in rep.col.warnings:
         print(f"meddino report: warning: {w}", file=sys.stderr)
     if rep.headline:

@@ -31,7 +31,8 @@ from meddino.runlog import read_metrics
 
 EVAL_TASKS = ("classification", "segmentation", "phase")
 #: sub-folders of a run that never hold another run (saves walking thousands of mask files)
-_SKIP_DIRS = {"predictions", "checkpoints", "tensorboard", "model", "sweep", "masks", "cache", "__pycache__"}
+_SKIP_DIRS = {"predictions", "checkpoints", "tensorboard", "mlruns", "wandb", "model", "sweep", "masks", "cache",
+              "__pycache__"}
 #: metrics where a lower value is better; every other metric is higher-is-better
 LOWER_IS_BETTER = {"hd95", "loss", "latency_ms"}
 #: frozen-encoder protocols of the classification task (docs/classification.md)

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from meddino.config import Schema
 from meddino.report.collect import Collection, EvalRun
+from meddino.tracking import LogConfig
 
 UNIT_KIND = {"segmentation": "patient", "phase": "video", "classification": "patient"}
 
@@ -43,6 +44,7 @@ class ReportConfig(Schema):
     # two model names (A, B): the summary opens with one sentence on A against B (e.g. continued vs its start)
     compare: tuple[str, str] | None = None
     p_better: float = Field(0.95, gt=0.5, lt=1)  # P(A better) that counts as a clear gain in that sentence
+    log: LogConfig = LogConfig()
 
 
 @dataclass

@@ -13,6 +13,7 @@ from meddino.data.transforms import to_tensor
 from meddino.errors import ConfigError, DataError
 from meddino.models import resolve_backbone
 from meddino.runlog import RunDir, atomic_path, write_json
+from meddino.tracking import LogConfig
 from meddino.viz.labels import wrap_label
 from meddino.viz.pca import cls_attention_maps, patch_feature_grids, pca_rgb
 
@@ -27,6 +28,7 @@ class VizConfig(Schema):
     invert: bool = False
     max_images: int = 8
     attention: bool = True
+    log: LogConfig = LogConfig()
 
 
 def list_images(paths: list[str], limit: int) -> list[Path]:
@@ -66,7 +68,7 @@ def run_pca(cfg: VizConfig) -> Path:
         raise ConfigError("viz pca: give one label per backbone (labels=[NAME, ...]), or none")
     labels = cfg.labels or [Path(b).stem if not b.startswith(("random:", "timm:")) else b for b in cfg.backbones]
     paths = list_images(cfg.images, cfg.max_images)
-    run = RunDir(cfg.out, cfg, tensorboard=False)
+    run = RunDir(cfg.out, cfg)
     rows: list[tuple[str, list[np.ndarray], list[np.ndarray] | None]] = []
     shown: list[np.ndarray] = []
     for spec, label in zip(cfg.backbones, labels):
@@ -102,6 +104,12 @@ def run_pca(cfg: VizConfig) -> Path:
             fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         panels[kind] = f"{kind}.png"
+        if run.tracks_images:
+            from PIL import Image
+
+            with Image.open(run / f"{kind}.png") as png:
+                run.image(f"viz/{kind}", np.asarray(png.convert("RGB")), 0)
     write_json(run / "viz.json", {"task": "viz", "images": [str(p) for p in paths], "backbones": labels,
                                   "panels": panels, "threshold": cfg.threshold})
+    run.close()
     return run.path

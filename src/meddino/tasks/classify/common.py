@@ -72,7 +72,7 @@ def get_cache(cfg: ClassifyConfig, out: Path, manifest: Manifest | None = None) 
 
 def run_embed(cfg: ClassifyConfig, manifest: Manifest | None = None) -> int:
     """``meddino embed``: write the cache to ``out``."""
-    run = RunDir(cfg.out, cfg, tensorboard=False)
+    run = RunDir(cfg.out, cfg)
     cache = compute_cache(cfg, run.path, manifest)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in cache.features.items())
     print(f"wrote embeddings of {len(cache.manifest)} samples to {run.path} ({shapes})")

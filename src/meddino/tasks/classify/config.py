@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from meddino.config import Schema
+from meddino.tracking import LogConfig
 
 FEATURE_SETS = ("cls", "cls_patch", "cls_last4", "cls_patch_last4")
 FeatureSet = Literal["cls", "cls_patch", "cls_last4", "cls_patch_last4"]
@@ -161,6 +162,7 @@ class ClassifyConfig(Schema):
     linear: LinearConfig = Field(default_factory=LinearConfig)
     fewshot: FewshotConfig = Field(default_factory=FewshotConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
 
 class SplitConfig(Schema):

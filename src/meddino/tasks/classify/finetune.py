@@ -392,7 +392,7 @@ def _sweep(fc: Any) -> Iterator[tuple[float, int]]:
 
 
 def run_finetune(cfg: Any, manifest: Manifest | None = None) -> int:
-    run = RunDir(cfg.out, cfg, tensorboard=False)
+    run = RunDir(cfg.out, cfg)
     out = run.path
     fc = cfg.finetune
     m = manifest if manifest is not None else load_manifest(cfg)
@@ -438,7 +438,7 @@ def _step_logger(run: RunDir) -> Callable[..., Callable[..., None]]:
     def for_unit(c: int, lr: float, bs: int, unit: str) -> Callable[..., None]:
         def log(**values: Any) -> None:
             nonlocal step
-            run.log(step, config=c, lr=lr, batch_size=bs, unit=unit, **values)
+            run.log(step, group={"config": c, "unit": unit}, lr=lr, batch_size=bs, **values)
             step += 1
 
         return log

@@ -74,7 +74,7 @@ def fewshot_draw(patients: np.ndarray, labels: np.ndarray, task: str, names: lis
 
 # -------------------------------------------------------------------------------------------- protocols
 def _out_dir(cfg: Any) -> Path:
-    return RunDir(cfg.out, cfg, tensorboard=False).path
+    return RunDir(cfg.out, cfg).path
 
 
 def _context(cfg: Any, need_val: bool, manifest: Manifest | None) -> tuple[Path, Any, Manifest, list[Any], str]:

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from meddino.config import Schema
+from meddino.tracking import LogConfig
 
 
 class PhaseData(Schema):
@@ -80,6 +81,7 @@ class PhaseEvalConfig(Schema):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     stage1: Stage1 = Stage1()
     stage2: Stage2 = Stage2()
+    log: LogConfig = LogConfig()
     feature_batch_size: int = Field(64, ge=1)
     resume: bool = Field(True, description="reuse a finished stage-1 model and feature files in OUT")
 

@@ -187,11 +187,11 @@ def train_stage1(
                 step += 1
                 bar.advance(1, loss=value, epoch=epoch)
             train_loss = total / max(count, 1)
-            row: dict[str, Any] = {"stage": 1, "epoch": epoch, "train_loss": train_loss}
+            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss}
             if val[0]:
                 row["val_accuracy"] = frame_accuracy_of(model, val, device, cfg.feature_batch_size)
                 best.update(row["val_accuracy"], epoch, model)
-            run.log(step, **row)
+            run.log(step, group={"stage": 1}, **row)
     best.restore(model)
     model.eval()
     # best_epoch is the last epoch without validation videos; train_loss is the last epoch's, as before

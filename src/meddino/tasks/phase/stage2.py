@@ -72,12 +72,12 @@ def train_stage2(
                 opt.step()
                 step += 1
             train_loss = float(np.mean(losses))
-            row: dict[str, Any] = {"stage": 2, "epoch": epoch, "train_loss": train_loss}
+            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss}
             if val:
                 accs = [float((mstcn_probs(model, x, device).argmax(1) == y).float().mean()) for x, y in val]
                 row["val_accuracy"] = float(np.mean(accs))
                 best.update(row["val_accuracy"], epoch, model)
-            run.log(step, **row)
+            run.log(step, group={"stage": 2}, **row)
             bar.advance(1, loss=train_loss)
     best.restore(model)
     model.eval()

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from meddino.config import Schema
 from meddino.metrics.segmentation import DEFAULT_METRIC_POLICY, MetricPolicyName
+from meddino.tracking import LogConfig
 
 #: Seed 000 leaves out CholecSeg8k's low-prevalence classes (names as in :data:`meddino.data.seg_masks.CHOLECSEG8K_CLASSES`).
 SEED000_EXCLUDED = ["blood", "cystic duct", "hepatic vein", "liver ligament"]
@@ -153,6 +154,7 @@ class SegConfig(Schema):
     save_predictions: bool = True  # predicted masks of the test folds under predictions/masks
     seed: int = 0
     out: str = "runs/seg"
+    log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
     def _check(self) -> SegConfig:

@@ -85,7 +85,7 @@ def run_fewshot_seg(cfg: SegConfig) -> int:
         raise DataError(f"few-shot: no N in {fc.shots} can be drawn (the training pool has {len(pool_cases)} "
                         f"image(s) beside the {len(test)} test patient(s))")
     scan(data)
-    run = RunDir(cfg.out, cfg, tensorboard=False)
+    run = RunDir(cfg.out, cfg)
     amp = cfg.train.amp and device.type == "cuda"
     policy = cfg.metrics.policy
     variants: dict[str, Any] = {}
@@ -119,7 +119,7 @@ def run_fewshot_seg(cfg: SegConfig) -> int:
             per_draw[f"draw{d}"] = agg
             draws.append({"name": f"{key}/draw{d}", "shots": shots, "draw": d,
                           "images": [c.id for c in picked], "patients": patients, **info, "metrics": agg})
-            run.log(info["steps"], shots=shots, draw=d, **{f"test_{m}": v["mean"] for m, v in agg.items()})
+            run.log(info["steps"], group={"shots": shots, "draw": d}, **{f"test_{m}": v["mean"] for m, v in agg.items()})
             unit += 1
             del model
         if key in skipped:

@@ -208,11 +208,11 @@ def train_fold(cfg: SegConfig, data: SegData, fold: Any, run: Any, device: torch
             train_loss = float(np.mean(losses)) if losses else float("nan")
             masks = {f"mask_prob_{i}": q for i, q in enumerate(loop.mask_probs(step))} if loop.eomt else {}
             if not has_val:
-                run.log(step, **at, epoch=epoch, train_loss=train_loss, **lrs, **masks)
+                run.log(step, group=at, epoch=epoch, train_loss=train_loss, **lrs, **masks)
                 continue
             val_dice, val_loss = validate(model, val_loader, data.num_classes, data.ignore_index, device, amp,
                                           criterion if spec.mask_classification else None, fold_seed)
-            run.log(step, **at, epoch=epoch, train_loss=train_loss, val_dice=val_dice, val_loss=val_loss, **lrs,
+            run.log(step, group=at, epoch=epoch, train_loss=train_loss, val_dice=val_dice, val_loss=val_loss, **lrs,
                     **masks)
             # while masks are still being annealed away, no epoch may be kept nor count towards early stopping
             annealed = end is None or step >= end
@@ -479,7 +479,7 @@ def run_eval_seg(cfg: SegConfig) -> int:
     folds = make_folds(data, cfg.data, cfg.seed)  # and so are the split and folds (no patient on two sides)
     check_annealing(cfg, data, folds)  # and whether every fold's run is long enough to finish EoMT's annealing
     scan(data)
-    run = RunDir(cfg.out, cfg, tensorboard=False)
+    run = RunDir(cfg.out, cfg)
     amp = cfg.train.amp and device.type == "cuda"
     policy = cfg.metrics.policy
     all_rows: list[dict[str, Any]] = []
@@ -500,7 +500,7 @@ def run_eval_seg(cfg: SegConfig) -> int:
         per_fold[f"fold{fold.index}"] = agg
         fold_results.append({"fold": fold.index, "train": fold.train, "val": fold.val, "test": fold.test, **info,
                              "metrics": agg})
-        run.log(info["steps"], fold=fold.index, **{f"test_{m}": v["mean"] for m, v in agg.items()})
+        run.log(info["steps"], group={"fold": fold.index}, **{f"test_{m}": v["mean"] for m, v in agg.items()})
     if not all_rows:
         raise DataError("no test rows were produced (every test image had only ignored pixels?)")
     write_rows(run.path / "predictions" / "per_image_class.csv", all_rows)
