@@ -231,6 +231,25 @@ def test_only_rank_0_tracks(monkeypatch, tmp_path):
     assert [e.value for e in _events(tmp_path / "r0" / "tensorboard").Scalars("loss")] == [1.0]
 
 
+@pytest.mark.slow
+def test_under_torchrun_one_tracked_run_is_written(tmp_path):
+    import os
+    import subprocess
+
+    pytest.importorskip("mlflow")
+    images = make_images(tmp_path / "imgs")
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "meddino",
+           "pretrain", "--config", "dinov1_tiny", f"data.path={images}", f"out={out}", "data.batch_size=4",
+           "train.iterations=2", "train.log_every=1", "log.backends=[tensorboard,mlflow]", "log.offline=true"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert [e.step for e in _events(out / "tensorboard").Scalars("loss")] == [1, 2]
+    client, run = _mlflow_run(out)
+    assert len(client.search_runs([run.info.experiment_id])) == 1 and run.info.status == "FINISHED"
+
+
 def test_a_tracker_failing_mid_run_is_dropped_with_one_warning(capsys):
     class Broken:
         name = "mlflow"
