@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from meddino import ssl
-from meddino.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UserError
+from meddino.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UserError, first_line
 from meddino.models import export_backbone, resolve_backbone
 from meddino.pretrain import checkpoint as ckpt
 from meddino.pretrain.config import PretrainConfig, arch_patch_size, arch_version
@@ -458,7 +458,11 @@ class Trainer:
         if self.env.is_main:
             path = export_backbone(teacher_bb, self.out / "teacher_backbone.safetensors")
             if run is not None and run.tracks_images:
-                self._log_figures(run, teacher_bb)
+                try:  # the weights are written: a figure must not fail the run (nor hang the other ranks)
+                    self._log_figures(run, teacher_bb)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"meddino: warning: the end-of-run images for the trackers: {first_line(exc)}",
+                          file=sys.stderr)
             n = len(self.skipped)
             if n:  # a clean run says nothing about it
                 print(f"skipped {n} unreadable file{'s' if n != 1 else ''}", file=sys.stderr)
