@@ -130,7 +130,7 @@ def run_verb(verb: Verb, recipe: str | None = None, overrides: Iterable[str] = (
     if isinstance(getattr(cfg, "log", None), LogConfig):
         check_backends(cfg.log)
     try:
-        code = _run_claimed(verb, cfg, force)
+        code = _run_claimed(verb, cfg, force, recipe)
     except BaseException:
         close_open_runs(failed=True)
         raise
@@ -138,7 +138,7 @@ def run_verb(verb: Verb, recipe: str | None = None, overrides: Iterable[str] = (
     return code
 
 
-def _run_claimed(verb: Verb, cfg: Any, force: bool) -> int:
+def _run_claimed(verb: Verb, cfg: Any, force: bool, recipe: str | None) -> int:
     folder = None
     if verb.run_folder:
         folder = cfg
