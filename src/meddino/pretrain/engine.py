@@ -43,6 +43,7 @@ from meddino import ssl
 from meddino.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UserError, first_line
 from meddino.models import export_backbone, resolve_backbone
 from meddino.pretrain import checkpoint as ckpt
+from meddino.pretrain.compiling import compile_units, compile_unavailable
 from meddino.pretrain.config import PretrainConfig, arch_patch_size, arch_version
 from meddino.pretrain.data import (
     CropDataset,
@@ -173,8 +174,7 @@ class Trainer:
         fino = self.sched.head_warmup_mode == "fino"
         self._set_backbone_trainable(fino or self.start_iter >= self.sched.frozen_iters, rewrap=False)
         self.model = wrap_student(self.student, env, cfg.train.fsdp)
-        if cfg.train.compile:
-            self.model = torch.compile(self.model)
+        self.compiled = cfg.train.compile and self._compile()
 
         torch.manual_seed(cfg.train.seed + 1000 * (env.rank + 1) + self.start_iter)
         if resume_path is not None and self._resume_rng is not None:
@@ -208,9 +208,21 @@ class Trainer:
                 continue
             p.requires_grad_(trainable)
         if rewrap and self.env.distributed and current != trainable and not self.cfg.train.fsdp:
-            self.model = wrap_student(self.student, self.env, False)
-            if self.cfg.train.compile:
-                self.model = torch.compile(self.model)
+            self.model = wrap_student(self.student, self.env, False)  # compiled blocks stay compiled inside
+
+    compiled = False
+
+    def _compile(self) -> bool:
+        """``train.compile=true``: student, teacher and Gram teacher compiled per block and head
+        (:mod:`meddino.pretrain.compiling`); where torch.compile cannot run, one warning line and eager."""
+        why = compile_unavailable(self.device)
+        if why is not None:
+            if self.env.is_main:
+                print(f"meddino: warning: train.compile=true but torch.compile does not work on "
+                      f"{self.device.type} here ({why}); training runs eager", file=sys.stderr, flush=True)
+            return False
+        compile_units([self.student, self.objective.teacher, self.objective.gram_teacher])
+        return True
 
     # ------------------------------------------------------------------------------------------ state
     def _load(self, path: Path) -> None:
@@ -271,9 +283,11 @@ class Trainer:
         masks = iteration_masks(cfg, it, self.global_batch, batch["slot"], grid)
         if masks is not None:
             masks = masks.to(self.device, non_blocking=non_blocking)
+        # the teacher side (EMA and Gram teacher) in its own no-grad path, bf16 when the step is
+        targets = self.objective.teacher_targets(g, masks, values["teacher_temp"],
+                                                 bf16_device=self.device.type if self.autocast else None)
         ac = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with ac:
-            targets = self.objective.teacher_targets(g, masks, values["teacher_temp"])
             out = self.model(g, loc, masks)
             terms = self.objective.losses(out, targets, masks, g, b, iteration=it)
         if self.health_window is not None:  # argmaxes every step; the tensors (detached) on log steps only

@@ -22,6 +22,7 @@ originals draw them per GPU, with the ratio range spread over the local batch in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -139,21 +140,30 @@ class SSLObjective(nn.Module):
     # ------------------------------------------------------------------------------------------ teacher
     @torch.no_grad()
     def teacher_targets(
-        self, global_crops: torch.Tensor, masks: torch.Tensor | None, teacher_temp: float
+        self, global_crops: torch.Tensor, masks: torch.Tensor | None, teacher_temp: float,
+        bf16_device: str | None = None,
     ) -> dict[str, Any]:
         """Teacher probabilities for the global crops [2, B, K] and the masked patches [M, K] (plus the raw
-        logits for the centre update and the teacher's CLS features ``cls_features`` [2B, D])."""
+        logits for the centre update, the teacher's CLS features ``cls_features`` [2B, D] and, with Gram
+        anchoring on, the Gram teacher's patch features ``gram_patches``).
+
+        Every teacher-side forward pass (EMA teacher and Gram teacher) runs here, in one no-grad path: no
+        autograd graph is recorded, and with ``bf16_device`` (the engine passes ``"cuda"`` when the step
+        runs in bf16) under bf16 autocast; the centring / Sinkhorn-Knopp that follows runs in fp32."""
         t = self.teacher
-        feats = t.backbone.forward_features(global_crops)
-        cls = feats["cls"]
-        n_cls = cls.shape[0]
-        patches = feats["patch"][masks] if (masks is not None and self.use_ibot) else None
-        if patches is not None and t.shared_ibot_head:
-            logits = t.dino_head(torch.cat([cls, patches]))
-            cls_logits, patch_logits = logits[:n_cls], logits[n_cls:]
-        else:
-            cls_logits = t.dino_head(cls)
-            patch_logits = t.ibot_head(patches) if patches is not None else None
+        with teacher_autocast(bf16_device):
+            feats = t.backbone.forward_features(global_crops)
+            cls = feats["cls"]
+            n_cls = cls.shape[0]
+            patches = feats["patch"][masks] if (masks is not None and self.use_ibot) else None
+            if patches is not None and t.shared_ibot_head:
+                logits = t.dino_head(torch.cat([cls, patches]))
+                cls_logits, patch_logits = logits[:n_cls], logits[n_cls:]
+            else:
+                cls_logits = t.dino_head(cls)
+                patch_logits = t.ibot_head(patches) if patches is not None else None
+            gram_patches = (self.gram_teacher.forward_features(global_crops)["patch"]
+                            if self.gram_active() else None)
         cls_logits, patch_logits = cls_logits.float(), (patch_logits.float() if patch_logits is not None else None)
         its = self.cfg.method.sinkhorn_iterations
         if self.sinkhorn:
@@ -164,13 +174,21 @@ class SSLObjective(nn.Module):
             patch_probs = (
                 ssl.softmax_center(patch_logits, self.ibot_center, teacher_temp) if patch_logits is not None else None
             )
-        return {
+        out = {
             "cls_probs": cls_probs.view(2, -1, cls_probs.shape[-1]),
             "patch_probs": patch_probs,
             "cls_logits": cls_logits,
             "patch_logits": patch_logits,
             "cls_features": cls.detach(),  # teacher CLS [2B, D] for the health diagnostics (effective rank)
         }
+        if gram_patches is not None:
+            out["gram_patches"] = gram_patches
+        return out
+
+    def gram_active(self) -> bool:
+        """Whether the Gram loss is computed this run (also while a weight schedule is at 0, as the original)."""
+        gc = self.cfg.method.gram
+        return self.gram_teacher is not None and (gc.weight_schedule is not None or gc.weight > 0)
 
     @torch.no_grad()
     def update_centers(self, targets: dict[str, Any]) -> None:
@@ -230,15 +248,13 @@ class SSLObjective(nn.Module):
             terms["koleo"] = ssl.koleo_loss(cls[0]) + ssl.koleo_loss(cls[1])
             total = total + m.koleo_weight * terms["koleo"]
         gc = m.gram
-        if self.gram_teacher is not None and (gc.weight_schedule is not None or gc.weight > 0):
+        if self.gram_active():
             if gc.weight_schedule is not None and iteration is None:
                 raise ValueError("losses: method.gram.weight_schedule needs the iteration")
             # as the original, the loss is computed (and logged) also while the scheduled weight is 0
             gram_weight = gc.weight_at(int(iteration or 0), self.cfg.train.iterations)
-            with torch.no_grad():
-                gram_patches = self.gram_teacher.forward_features(global_crops)["patch"]
-            terms["gram"] = ssl.gram_loss(
-                student_out["global_patch"], gram_patches, img_level=gc.img_level, remove_neg=gc.remove_neg,
+            terms["gram"] = ssl.gram_loss(  # the Gram teacher's patches: from teacher_targets' no-grad path
+                student_out["global_patch"], targets["gram_patches"], img_level=gc.img_level, remove_neg=gc.remove_neg,
                 remove_only_teacher_neg=gc.remove_only_teacher_neg, normalize=gc.normalized,
                 tokens_used=gc.tokens_used, masks=masks,
             )
@@ -246,6 +262,13 @@ class SSLObjective(nn.Module):
             total = total + gram_weight * terms["gram"]
         terms["loss"] = total
         return terms
+
+
+def teacher_autocast(bf16_device: str | None) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``bf16_device`` for the teacher's forward passes, or nothing (fp32)."""
+    if bf16_device is None:
+        return contextlib.nullcontext()
+    return torch.autocast(bf16_device, dtype=torch.bfloat16)
 
 
 def iteration_masks(
