@@ -14,6 +14,7 @@ if [ "$device" = "cpu" ]; then
     run phase_online --frames 50 --warmup 5
     run pretrain_throughput --batch 4 --steps 3
     run data_index --rows 1000000 --epoch 100000 --workers 8 --folder 50000
+    run step_profile --batch 4 --steps 3
 else
     run linear_grid --device cuda
     run seg_inference --device cuda --size 224 --iters 100 --baselines
