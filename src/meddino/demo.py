@@ -46,8 +46,8 @@ GENERIC, CONTINUED = "generic (natural photos)", "continued DINOv2"
 
 # each of the six steps' share of the demo's time, measured (benchmarks/results/demo_steps_cpu.json); the
 # whole-demo ETA scales them by the time the steps done so far actually took on this machine
-FULL_SHARES = (0.02, 0.40, 0.005, 0.50, 0.025, 0.05)
-QUICK_SHARES = (0.05, 0.25, 0.01, 0.55, 0.04, 0.10)
+FULL_SHARES = (0.006, 0.531, 0.001, 0.448, 0.005, 0.009)
+QUICK_SHARES = (0.148, 0.277, 0.003, 0.397, 0.063, 0.112)
 
 
 def demo_eta(elapsed: float, shares: tuple[float, ...], step: int, fraction: float) -> float | None:
