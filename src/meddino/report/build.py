@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from meddino.errors import ConfigError, DataError, UserError
 from meddino.report import stats
-from meddino.report.collect import EvalRun, collect, higher_is_better
+from meddino.report.collect import EvalRun, collect, higher_is_better, read_run_config
 from meddino.report.figures import curve_panels, curves_figure, encoder_boxplot, iteration_figure, rank_figure
 from meddino.report.html import render
 from meddino.report.model import UNIT_KIND, BootstrapConfig, GroupBootstrap, Report, ReportConfig
@@ -290,12 +289,9 @@ def pretrain_start(rep: Report, pretrain_run: str) -> str | None:
     folder's config.yaml (the run may live outside the report's folder); None for a random init."""
     folder = Path(pretrain_run).expanduser()
     config = next((p.config for p in rep.col.pretrain if same_checkpoint(str(p.path), str(folder))), None)
-    if config is None and (folder / "config.yaml").is_file():
-        try:
-            config = yaml.safe_load((folder / "config.yaml").read_text())
-        except Exception:  # noqa: BLE001 - an unreadable config only loses the start point
-            config = None
-    init = config.get("init") if isinstance(config, dict) else None
+    if config is None:
+        config = read_run_config(folder)
+    init = config.get("init") if config is not None else None
     return init if isinstance(init, str) and init else None
 
 

@@ -274,21 +274,26 @@ def _read_profile(path: Path) -> ProfileRun:
     return ProfileRun(path, data)
 
 
+def read_run_config(folder: Path) -> dict[str, Any] | None:
+    """A run folder's config.yaml as a dict; None when it is missing or unreadable (a broken config only
+    loses the run's description)."""
+    try:
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+    except Exception:  # noqa: BLE001 - missing, unreadable or not YAML: all the same here
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def _read_pretrain(path: Path) -> PretrainRun:
     rows = [r for r in read_metrics(path / "metrics.jsonl") if isinstance(r, dict) and "step" in r]
     if not rows:
         raise ValueError("metrics.jsonl has no readable rows")
-    config = None
-    if (path / "config.yaml").is_file():
-        try:
-            config = yaml.safe_load((path / "config.yaml").read_text())
-        except Exception:  # noqa: BLE001 - a broken config only loses the run's description
-            config = None
-        if isinstance(config, dict) and "method" not in config:
-            # an evaluation run logs metrics.jsonl too; without results.json it has not finished
-            raise ValueError("metrics.jsonl but no results.json and not a pretraining config "
-                             "(unfinished evaluation run?)")
-    return PretrainRun(path, rows, config if isinstance(config, dict) else None)
+    config = read_run_config(path)
+    if config is not None and "method" not in config:
+        # an evaluation run logs metrics.jsonl too; without results.json it has not finished
+        raise ValueError("metrics.jsonl but no results.json and not a pretraining config "
+                         "(unfinished evaluation run?)")
+    return PretrainRun(path, rows, config)
 
 
 def collect(root: Path, exclude: Path | None = None) -> Collection:
