@@ -10,7 +10,7 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_quick_produces_report(tmp_path, cli):
-    res = cli("demo", "--quick", f"out={tmp_path / 'demo'}", timeout=1200)
+    res = cli("demo", "--quick", f"out={tmp_path / 'demo'}", "log.backends=[tensorboard]", timeout=1200)
     assert res.returncode == 0, res.stderr[-2000:]
     report = tmp_path / "demo" / "report" / "report.html"
     assert report.is_file() and f"open {report}" in res.stdout
@@ -41,6 +41,17 @@ def test_demo_quick_produces_report(tmp_path, cli):
     a = load_file(str(generic_start()))
     b = load_file(str(runs / "pretrain" / "teacher_backbone.safetensors"))
     assert any((a[k] - b[k]).abs().max() > 1e-4 for k in a)
+    # log.backends reached every step with a log block: each run folder has its TensorBoard run, named
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    tracked = sorted(p.parent.parent.name for p in (tmp_path / "demo").glob("**/tensorboard/events.*"))
+    assert tracked == sorted(["pca", "pretrain", "report", "knn_it20", *(f"{v}_m{i}" for v in ("knn", "linear", "seg") for i in range(3))])
+    acc = EventAccumulator(str(runs / "knn_m0" / "tensorboard"))
+    acc.Reload()
+    hp = HParamsPluginData.FromString(acc.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    assert hp.session_start_info.hparams["log.run_name"].string_value == "knn random init"
+    assert "demo" in hp.session_start_info.hparams["log.tags"].string_value
 
 
 def test_demo_rejects_unknown_option(cli):

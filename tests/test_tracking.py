@@ -272,3 +272,59 @@ def test_a_tracker_failing_mid_run_is_dropped_with_one_warning(capsys):
     assert err == ["meddino: warning: log.backends mlflow: tracking server went away; it logs nothing more in "
                    "this run (metrics.jsonl has every row)"]
     assert tracker.backends == [] and Broken.closed is True
+
+
+def test_profile_tracks_its_measurements_and_its_json(tmp_path):
+    pytest.importorskip("mlflow")
+    out = tmp_path / "prof"
+    code = main(["profile", "backbone=random:dinov2_tiny", "head=backbone,unet", "img_size=32", "repeats=2",
+                 "warmup=0", f"out={out}", "log.backends=[tensorboard,mlflow]", "log.offline=true"])
+    assert code == 0
+    rows = {r["head"]: r for r in json.loads((out / "profile.json").read_text())["rows"]}
+    tb = _events(out / "tensorboard")
+    (latency,) = tb.Scalars("backbone/latency_ms_median")
+    assert latency.step == 0 and latency.value == pytest.approx(rows["backbone"]["latency_ms_median"], rel=1e-6)
+    assert {"unet/fps", "unet/head_params_m", "backbone/params_m"} <= set(tb.Tags()["scalars"])
+    client, run = _mlflow_run(out)
+    assert run.info.status == "FINISHED" and run.data.params["head"] == "backbone,unet"
+    assert run.data.metrics["unet/fps"] == pytest.approx(rows["unet"]["fps"])
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["profile.json"]
+    (row,) = read_metrics(out)  # metrics.jsonl: the same numbers in one row at step 0
+    assert row["step"] == 0 and row["unet/latency_ms_p95"] == pytest.approx(rows["unet"]["latency_ms_p95"])
+
+
+def test_profile_metric_names_are_head_then_runtime_in_what_mlflow_accepts():
+    from meddino.profile.run import tracked_numbers
+
+    rows = [{"head": "seg (unet)", "runtime": "onnxruntime", "fps": 12.5, "latency_ms_median": 80.0, "batch_size": 1},
+            {"head": "pretraining step", "images_per_s": 3.0, "max_batch": "n/a", "note": "CPU"},
+            {"head": "eomt", "note": "skipped: no EoMT"}]
+    assert tracked_numbers(rows) == {"seg_unet/onnxruntime/fps": 12.5, "seg_unet/onnxruntime/latency_ms_median": 80.0,
+                                     "pretraining_step/images_per_s": 3.0}
+
+
+def test_the_demo_hands_its_log_block_to_every_step_that_has_one(monkeypatch, tmp_path):
+    import meddino.demo as demo
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    log = LogConfig(backends=["tensorboard", "mlflow"], experiment="demo-exp", run_name="trial", tags=["site=a"])
+    values = demo.step_log_values(log, tmp_path, "knn random init")
+    assert values["log.run_name"] == "trial knn random init" and values["log.tags"] == ["site=a", "demo"]
+    assert values["log.backends"] == ["jsonl", "tensorboard", "mlflow"] and values["log.experiment"] == "demo-exp"
+    assert values["log.tracking_uri"] == str((tmp_path / "mlruns").resolve())  # one store for every step
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert demo.step_log_values(log, tmp_path, "pca")["log.tracking_uri"] is None  # the user's server ...
+    offline = log.model_copy(update={"offline": True})
+    assert demo.step_log_values(offline, tmp_path, "pca")["log.tracking_uri"] == str((tmp_path / "mlruns").resolve())
+    plain = demo.step_log_values(LogConfig(backends=["tensorboard"]), tmp_path, "pca")
+    assert plain["log.run_name"] == "pca" and plain["log.tracking_uri"] is None  # ... and no store without MLflow
+
+    calls = []
+    monkeypatch.setattr(demo, "run_verb", lambda verb, recipe, overrides, values, force: calls.append((verb.path, values)) or 0)
+    demo._run("eval knn", "k=1", recipe="knn_tiny", log=values, manifest="m.csv")
+    demo._run("data split", "k=3", log=values, manifest="m.csv")  # its config has no log block
+    assert calls[0] == ("eval knn", {**values, "manifest": "m.csv"})
+    assert calls[1] == ("data split", {"manifest": "m.csv"})
+    # and the values are what the step's schema takes
+    cfg = load_config(VizConfig, None, [], values={**values, "images": ["a.png"], "backbones": ["random:dinov2_tiny"]})
+    assert cfg.log.run_name == "trial knn random init" and cfg.log.trackers == ["tensorboard", "mlflow"]

@@ -12,12 +12,19 @@
    backbones, bootstrap ranks and the HTML report.
 
 Every step is the real CLI verb run in this process, so the demo exercises exactly what users run.
+
+Tracking: the demo's ``log`` block (``meddino demo log.backends=[tensorboard]``) is handed to every step
+that has one (:func:`step_log_values`), so each pretraining, evaluation, PCA and report run is one tracked
+run, named after its step and tagged ``demo``, and every MLflow run goes to one store, ``OUT/mlruns``.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 
@@ -27,7 +34,8 @@ from meddino.pretrain import commands as pretrain_commands
 from meddino.report import commands as report_commands
 from meddino.tasks.classify import commands as classify_commands
 from meddino.tasks.seg import commands as seg_commands
-from meddino.verbs import Arg, Verb, run_verb
+from meddino.tracking import LogConfig
+from meddino.verbs import Arg, Verb, load_attr, run_verb
 from meddino.viz import commands as viz_commands
 
 
@@ -43,6 +51,8 @@ class DemoPlan:
 
 
 GENERIC, CONTINUED = "generic (natural photos)", "continued DINOv2"
+#: a step's name -> its ``log.*`` values (:func:`step_log_values`), or None when the demo tracks nothing
+Tracked = Callable[[str], "dict[str, object] | None"]
 
 # each of the six steps' share of the demo's time, measured (benchmarks/results/demo_steps_cpu.json); the
 # whole-demo ETA scales them by the time the steps done so far actually took on this machine
@@ -114,11 +124,12 @@ VERBS = (
         "frozen-encoder segmentation), PCA maps, bootstrap ranks and an HTML report.",
         schema="meddino.demo:DemoConfig",
         run="meddino.demo:run",
-        source="demo takes only out=DIR",
+        source="demo takes only out=DIR and log.* (docs/tracking.md)",
         run_folder="out",
         rerun=True,  # a second demo into its folder redoes it (pretraining resumes)
         args=(Arg("--quick", "quick", switch=True, help="smaller images and fewer iterations (< 3 minutes)"),),
-        overrides_help="out=DIR (default runs/demo)",
+        overrides_help="out=DIR (default runs/demo) log.backends=[tensorboard,mlflow,wandb] log.experiment=NAME "
+        "log.offline=true ... (every step is tracked; docs/tracking.md)",
     ),
 )
 # the verbs the demo runs, by their command-line path ("eval knn")
@@ -129,20 +140,36 @@ STEPS = {v.path: v for v in (*pretrain_commands.VERBS, *classify_commands.VERBS,
 class DemoConfig(Schema):
     quick: bool = False
     out: str = "runs/demo"
+    log: LogConfig = LogConfig()  # handed to every step (module docstring)
 
 
 def run(cfg: DemoConfig) -> int:
     from meddino.models.checkpoints.load import quiet_load_reports  # torch: only once the demo runs
 
     with quiet_load_reports():  # the demo loads only what it wrote or ships: no 'loaded ...' line per step
-        report = run_demo(Path(cfg.out), QUICK if cfg.quick else FULL)
+        report = run_demo(Path(cfg.out), QUICK if cfg.quick else FULL, cfg.log)
     print(f"\nmeddino demo finished: open {report}")
     return 0
 
 
-def _run(path: str, *overrides: object, recipe: str | None = None, **values: object) -> None:
-    """One verb, exactly as ``meddino PATH [--config RECIPE] OVERRIDES`` runs it; a failure stops the demo
-    with that verb's message."""
+def step_log_values(log: LogConfig, out: Path, step_name: str) -> dict[str, object]:
+    """The ``log.*`` values of one demo step: the demo's block, the run named ``[RUN_NAME ]STEP_NAME``,
+    tagged ``demo``, and MLflow's store ``OUT/mlruns`` unless a tracking URI is given (or
+    MLFLOW_TRACKING_URI is, when not offline), so the steps' runs are found in one place."""
+    values = {f"log.{k}": v for k, v in log.model_dump(mode="json").items()}
+    values["log.run_name"] = f"{log.run_name} {step_name}" if log.run_name else step_name
+    values["log.tags"] = [*log.tags, *(["demo"] if "demo" not in log.tags else [])]
+    if "mlflow" in log.backends and not log.tracking_uri and (log.offline or not os.environ.get("MLFLOW_TRACKING_URI")):
+        values["log.tracking_uri"] = str((out / "mlruns").resolve())
+    return values
+
+
+def _run(path: str, *overrides: object, recipe: str | None = None, log: dict[str, object] | None = None,
+         **values: object) -> None:
+    """One verb, exactly as ``meddino PATH [--config RECIPE] OVERRIDES`` runs it, with the ``log`` values
+    when its config has a ``log`` block; a failure stops the demo with that verb's message."""
+    if log and "log" in load_attr(STEPS[path].schema).model_fields:
+        values = {**log, **values}
     try:
         code = run_verb(STEPS[path], recipe, [str(o) for o in overrides], values, force=True)
     except UserError as exc:
@@ -170,30 +197,33 @@ def _step(clock: DemoClock, n: int, text: str, parts: int = 1) -> None:
 
 
 def _evaluate(name: str, spec: Path, tag: str, folds: Path, seg_manifest: Path, classes: list[str], runs: Path,
-              plan: DemoPlan, clock: DemoClock) -> None:
+              plan: DemoPlan, clock: DemoClock, track: Tracked) -> None:
     """kNN, linear probe and frozen-encoder segmentation of one backbone (three parts of the clock's step)."""
     common = [f"data.manifest={folds}", f"backbone={spec}", f"model_name={name}", "dataset_name=MNI152 level"]
-    _run("eval knn", *common, f"data.img_size={plan.size}", f"out={runs / f'knn_{tag}'}", recipe="knn_tiny")
+    _run("eval knn", *common, f"data.img_size={plan.size}", f"out={runs / f'knn_{tag}'}", recipe="knn_tiny",
+         log=track(f"knn {name}"))
     clock.next_part()
     _run("eval linear", *common, f"data.img_size={plan.size}", f"linear.epochs={plan.linear_epochs}",
-         f"out={runs / f'linear_{tag}'}", recipe="linear_tiny")
+         f"out={runs / f'linear_{tag}'}", recipe="linear_tiny", log=track(f"linear {name}"))
     clock.next_part()
     _run("eval seg", f"data.manifest={seg_manifest}", f"backbone={spec}", f"model_name={name}",
          "dataset_name=MNI152 tissue", "head=linear", f"data.image_size={plan.size}",
          f"data.classes={classes}", "data.folds=3", f"train.epochs={plan.seg_epochs}",
-         f"out={runs / f'seg_{tag}'}", recipe="seg_tiny")
+         f"out={runs / f'seg_{tag}'}", recipe="seg_tiny", log=track(f"seg {name}"))
     clock.next_part()
 
 
-def run_demo(out: Path, plan: DemoPlan = FULL) -> Path:
+def run_demo(out: Path, plan: DemoPlan = FULL, log: LogConfig | None = None) -> Path:
     from meddino.runlog import outer_progress
 
     clock = DemoClock(QUICK_SHARES if plan == QUICK else FULL_SHARES)
+    log = log or LogConfig()
+    track = partial(step_log_values, log, Path(out)) if log.trackers else lambda _name: None
     with outer_progress(clock.describe):  # every verb's progress line also shows the whole demo's ETA
-        return _run_demo(Path(out), plan, clock)
+        return _run_demo(Path(out), plan, clock, track)
 
 
-def _run_demo(out: Path, plan: DemoPlan, clock: DemoClock) -> Path:
+def _run_demo(out: Path, plan: DemoPlan, clock: DemoClock, track: Tracked) -> Path:
     import torch  # torch, numpy, the models: only once the demo runs, not for `meddino --help`
 
     from meddino.data.bundled import SEG_CLASSES, build_demo_data
@@ -217,7 +247,7 @@ def _run_demo(out: Path, plan: DemoPlan, clock: DemoClock) -> Path:
          f"crops.global_size={plan.size}", f"crops.local_size={plan.size // 2}",
          f"train.checkpoint_every={max(plan.iterations // 2, 1)}", "resume=auto", *SMALL_SCALE,
          f"head_warmup.frozen_iters={plan.iterations // 8}", f"head_warmup.ramp_iters={plan.iterations // 8}",
-         recipe="dinov2_tiny")
+         recipe="dinov2_tiny", log=track("pretrain"))
     # the per-checkpoint exports carry their iteration in the name, so the report can plot metric vs iteration;
     # the last one holds the same weights as OUT/teacher_backbone.safetensors
     snapshots = sorted((pretrain_dir / "checkpoints").glob("teacher_backbone_*.safetensors"))
@@ -231,22 +261,23 @@ def _run_demo(out: Path, plan: DemoPlan, clock: DemoClock) -> Path:
     _step(clock, 4, "classification (kNN, linear probe) and frozen-encoder segmentation: random vs generic vs "
           "continued", parts=3 * len(backbones) + len(snapshots[:-1]))
     for i, (name, spec) in enumerate(backbones.items()):
-        _evaluate(name, spec, f"m{i}", folds, data.seg_manifest, list(SEG_CLASSES), runs, plan, clock)
+        _evaluate(name, spec, f"m{i}", folds, data.seg_manifest, list(SEG_CLASSES), runs, plan, clock, track)
 
     for snapshot in snapshots[:-1]:  # kNN along the pretraining run
         iteration = int(snapshot.stem.rsplit("_", 1)[-1])
         _run("eval knn", f"data.manifest={folds}", f"backbone={snapshot}",
              f"model_name={CONTINUED} (iteration {iteration})", "dataset_name=MNI152 level",
-             f"data.img_size={plan.size}", f"out={runs / f'knn_it{iteration}'}", recipe="knn_tiny")
+             f"data.img_size={plan.size}", f"out={runs / f'knn_it{iteration}'}", recipe="knn_tiny",
+             log=track(f"knn {CONTINUED} (iteration {iteration})"))
         clock.next_part()
 
     _step(clock, 5, "PCA feature maps of the three backbones")
     _run("viz pca", f"out={runs / 'pca'}", f"img_size={plan.size}", images=[str(i) for i in data.viz_images],
-         backbones=[str(s) for s in backbones.values()], labels=list(backbones))
+         backbones=[str(s) for s in backbones.values()], labels=list(backbones), log=track("pca"))
 
     _step(clock, 6, "bootstrap ranks and the HTML report")
     _run("report", f"out={out / 'report'}", f"bootstrap.samples={plan.bootstrap}", "title=meddino demo",
-         f"compare=[{CONTINUED}, {GENERIC}]", runs=str(runs))
+         f"compare=[{CONTINUED}, {GENERIC}]", runs=str(runs), log=track("report"))
     seconds = clock.step_seconds()
     write_json(out / "demo_steps.json", {"plan": "quick" if plan == QUICK else "full", "step_seconds": seconds,
                                          "shares": [round(x / sum(seconds), 4) for x in seconds],

@@ -28,12 +28,17 @@ multi-crop batches, so the number is the model's cost without data loading; imag
 after ``warmup`` steps. On CUDA the largest per-device batch that trains one step without running out of
 memory is found by doubling from 1 and then bisecting between the last batch that fit and the first that
 did not (``torch.cuda.OutOfMemoryError`` is caught and the cache emptied); on CPU it is reported as n/a.
+
+Tracking (``log`` block, docs/tracking.md): every number of every row is logged at step 0 as
+``HEAD[/RUNTIME]/KEY`` (``unet/latency_ms_median``, ``pretraining_step/images_per_s``,
+``onnx_seg_unet/onnxruntime/fps``), the config as hyperparameters, and ``profile.json`` as a file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -56,9 +61,10 @@ from meddino.pretrain.config import PretrainConfig
 from meddino.pretrain.distributed import DistEnv
 from meddino.pretrain.engine import Trainer
 from meddino.profile.timing import count_params, latency_stats, machine_info, synchronize, time_calls
-from meddino.runlog import write_json
+from meddino.runlog import RunDir, write_json
 from meddino.tasks.seg.config import EoMTConfig
 from meddino.tasks.seg.heads import SEG_HEADS, SegmentationModel
+from meddino.tracking import LogConfig
 
 #: the segmentation heads by their profile name (``linear_seg`` is the ``linear`` head)
 SEG_PROFILED = {h.profile_name: h for h in SEG_HEADS.values() if h.profile_name}
@@ -89,6 +95,7 @@ class ProfileConfig(Schema):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     out: str = "runs/profile"
     pretrain: PretrainProfileConfig = PretrainProfileConfig()
+    log: LogConfig = LogConfig()
 
 
 def parse_heads(spec: str) -> list[str]:
@@ -362,13 +369,38 @@ def run_profile(cfg: ProfileConfig) -> Path:
     rows = profile_inference(cfg, device) if cfg.backbone else []
     if cfg.recipe:
         rows.append(profile_pretrain(cfg, device))
-    out = Path(cfg.out).expanduser()
     payload = {"task": "profile", "meddino_version": __version__, "machine": machine_info(device),
                "config": cfg.model_dump(mode="json"), "rows": rows}
-    path = out / "profile.json"
-    write_json(path, payload)
+    # the folder is written once everything is measured: a refused input leaves nothing there
+    with RunDir(Path(cfg.out), cfg) as run:  # config.yaml and the trackers of cfg.log
+        path = run / "profile.json"
+        write_json(path, payload)
+        run.log(0, **tracked_numbers(rows))
+        run.artifact(path)
     print_table(rows, payload["machine"])
     return path
+
+
+#: the numbers of a profile row that are measurements (the rest: sizes and settings, in the config)
+TRACKED_KEYS = ("params_m", "head_params_m", "latency_ms_median", "latency_ms_p95", "fps", "images_per_s",
+                "max_batch")
+
+
+def tracked_numbers(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """``{"HEAD[/RUNTIME]/KEY": value}`` of every measured number of every row, the names cut to what
+    MLflow accepts in a metric name (a head such as ``seg (unet)`` becomes ``seg_unet``)."""
+    out: dict[str, float] = {}
+    for row in rows:
+        name = "/".join(_metric_name(str(row[k])) for k in ("head", "runtime") if row.get(k))
+        for key in TRACKED_KEYS:
+            value = row.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{name}/{key}"] = float(value)
+    return out
+
+
+def _metric_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "row"
 
 
 def print_table(rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
