@@ -220,6 +220,30 @@ def test_huggingface_folders(tmp_path, x, kind):
     torch.testing.assert_close(_features(backbone, x), ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["vit_small_patch16_224.dino", "vit_small_patch14_dinov2.lvd142m",
+                                  "vit_small_patch14_reg4_dinov2.lvd142m", "vit_small_patch16_dinov3.lvd1689m"])
+@pytest.mark.parametrize("safe", [True, False])
+def test_timm_hub_folders(tmp_path, x, name, safe):
+    """A folder as timm writes it for the Hub (config.json naming the architecture, model.safetensors or
+    pytorch_model.bin in timm's layout) loads with its own head count and gives timm's features."""
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=2,
+                              num_heads=2, num_classes=0).eval()  # 2 heads of 32: not what 64 wide implies
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.ndim == 1 or "token" in n:
+                p.uniform_(-0.5, 0.5)  # LayerScale, biases, tokens away from their init
+    save_for_hf(model, tmp_path / "hub", safe_serialization=safe)
+    assert "architecture" in json.loads((tmp_path / "hub" / "config.json").read_text())
+    backbone = load_backbone(tmp_path / "hub")
+    assert "timm Hub folder" in backbone.load_report.summary()
+    with torch.no_grad():
+        ref = model.forward_features(x)
+    torch.testing.assert_close(_features(backbone, x), ref, atol=ATOL, rtol=0)
+
+
 def test_huggingface_hub_key_names_state_dict(tmp_path, x):
     """Hub files keep transformers-4 names (attention.attention.query ...); a bare state dict works too."""
     model = _hf_model("dinov2")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from meddino.errors import CheckpointError
-from meddino.models.checkpoints.read import read_checkpoint
+from meddino.models.checkpoints.read import detect_layout, read_checkpoint
 
 MODEL_PREFIXES = ("dinov2_with_registers.", "dinov2.", "dinov3_vit.", "vit.")
 
@@ -47,12 +47,26 @@ _LAYER_RENAMES = [
 
 
 def load_hf_folder(path: Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
-    """A Hugging Face model folder -> (timm-layout state, layout name, hints for the architecture)."""
+    """A Hugging Face model folder -> (timm-layout state, layout name, hints for the architecture).
+
+    A timm Hub folder (``timm.models.push_to_hf_hub`` / ``save_for_hf``: a ``config.json`` naming the
+    ``architecture``, no ``model_type``) holds timm's layout already: its weights are returned as they are,
+    with the layout their keys show and the head count its ``model_args`` give (the tensors cannot tell it).
+    """
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise CheckpointError(f"{path}: a checkpoint folder needs config.json (Hugging Face) or backbone.json")
-    config = json.loads(config_path.read_text())
+        raise CheckpointError(f"{path}: a checkpoint folder needs config.json (Hugging Face or timm) or "
+                              "backbone.json (a meddino export)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{config_path}: not readable JSON") from None
     state = _read_hf_weights(path)
+    if isinstance(config, dict) and config.get("architecture") and not config.get("model_type"):
+        model_args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
+        kwargs = {"num_heads": int(model_args["num_heads"])} if "num_heads" in model_args else {}
+        return state, detect_layout(state, path), {"layout": f"timm Hub folder ({config['architecture']})",
+                                                   "kwargs": kwargs}
     timm_state, hints = hf_state_to_timm(state, config)
     return timm_state, hints["layout"], hints
 
