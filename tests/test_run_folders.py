@@ -76,3 +76,26 @@ def test_the_cli_refuses_before_any_work_and_force_overwrites(tmp_path, cli):
     assert (pre / "config.yaml").read_text() == "the pretraining run's config\n"
     res = cli("pretrain", "--config", "dinov2_tiny", "data.path=nowhere", f"out={pre}")
     assert res.returncode == 2 and "resume=auto continues it" in res.stderr
+
+
+def test_a_new_run_in_an_earlier_runs_folder_starts_its_metrics_empty(tmp_path):
+    from test_pretrain_engine import config, make_images
+
+    from meddino.cli import main
+    from meddino.pretrain.engine import run_pretrain
+    from meddino.runlog import read_metrics
+
+    profile = ["profile", "backbone=random:dinov2_tiny", "head=backbone", "img_size=32", "warmup=0", "repeats=1"]
+    out = tmp_path / "prof"
+    assert main([*profile, f"out={out}"]) == 0
+    assert main([*profile, f"out={out}", "--force"]) == 0
+    assert len(read_metrics(out)) == 1  # the forced run's row only, not both runs' rows
+    # pretraining: an attempt killed before its first checkpoint, then resume=auto starts afresh
+    images = make_images(tmp_path / "imgs")
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    (pre / RUN_MARKER).write_text(json.dumps({"verb": "pretrain", "complete": False}))
+    (pre / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 99.0}) + "\n" + json.dumps({"step": 3, "loss": 98.0}) + "\n")
+    run_pretrain(config("dinov1_tiny", images, pre, "train.iterations=2", "train.log_every=1", "resume=auto"))
+    rows = [r for r in read_metrics(pre) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] < 90 for r in rows)

@@ -154,6 +154,14 @@ def read_run_marker(folder: str | Path) -> dict[str, Any]:
     return marker if isinstance(marker, dict) else {}
 
 
+def drop_earlier_metrics(path: str | Path) -> None:
+    """A new run in a folder that held an earlier one (a failed attempt, a rerun, ``--force``) starts its
+    ``metrics.jsonl`` empty: rows appended after the earlier run's would read as one run's curves."""
+    if _is_main_process():
+        with contextlib.suppress(OSError):
+            (Path(path).expanduser() / "metrics.jsonl").unlink(missing_ok=True)
+
+
 def release_run_folder(path: str | Path) -> None:
     """Undo a claim whose run wrote nothing: the marker goes, and the folder too when that leaves it empty."""
     folder = Path(path).expanduser()

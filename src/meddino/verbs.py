@@ -20,7 +20,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from meddino.config import load_config
-from meddino.runlog import claim_run_folder, close_open_runs, complete_run_folder, release_run_folder
+from meddino.runlog import (
+    claim_run_folder,
+    close_open_runs,
+    complete_run_folder,
+    drop_earlier_metrics,
+    release_run_folder,
+)
 from meddino.tracking import LogConfig, check_backends
 
 
@@ -152,6 +158,8 @@ def _run_claimed(verb: Verb, cfg: Any, force: bool, recipe: str | None) -> int:
     # a verb that reruns through a key (pretrain: resume=) continues only through it, attempts included
     claim_run_folder(path, verb.path, force=force, rerun=rerun, retry=isinstance(verb.rerun, bool),
                      recipe=(recipe or verb.default_recipe) if verb.recipes else None)
+    if not fresh and not (rerun and isinstance(verb.rerun, str)):  # a resume keeps (and truncates) its rows
+        drop_earlier_metrics(path)
     try:
         code = int(load_attr(verb.run)(cfg) or 0)
     except BaseException:

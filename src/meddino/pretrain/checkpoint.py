@@ -163,9 +163,13 @@ def resume_path(resume: str | None, ckpt_dir: Path, out: Path) -> Path | None:
     return Path(resume).expanduser()
 
 
-def truncate_metrics(path: Path, iteration: int) -> None:
-    """On resume, drop the rows a killed run logged after its last checkpoint (they are logged again)."""
+def truncate_metrics(path: Path, iteration: int | None) -> None:
+    """On resume, drop the rows a killed run logged after its last checkpoint (they are logged again);
+    ``None`` (a fresh start, e.g. ``resume=auto`` before any checkpoint): drop every row."""
     if not path.exists():
+        return
+    if iteration is None:
+        path.unlink()
         return
     rows = [r for r in read_metrics(path) if int(r.get("step", 0)) <= iteration]
     with atomic_write(path, "w") as fh:

@@ -328,8 +328,8 @@ class Trainer:
     def _fit(self, run: RunDir) -> None:
         cfg, env = self.cfg, self.env
         self._write_data_summary()
-        if self.start_iter > 0 and env.is_main:
-            ckpt.truncate_metrics(self.out / "metrics.jsonl", self.start_iter)
+        if env.is_main:  # resumed: the rows up to its checkpoint; a fresh start: none of an earlier attempt
+            ckpt.truncate_metrics(self.out / "metrics.jsonl", self.start_iter if self.start_iter > 0 else None)
         total = cfg.train.iterations
         end = self.end_iteration()
         if self.start_iter >= end:
