@@ -111,10 +111,10 @@ def test_mask_annealing_false_keeps_every_mask_on_in_training_and_validation(cho
 
 def test_default_annealing_is_five_sixths_of_the_run(cholec):
     cfg = _cfg(cholec, epochs=6, eomt={}, max_steps=2)
-    assert seg_train.anneal_end(cfg, 2, 0) == 10  # round(5/6 * 12)
+    assert seg_train.anneal_end(cfg, 2, "fold 0") == 10  # round(5/6 * 12)
     by_epochs = cfg.model_copy(update={"eomt": cfg.eomt.model_copy(update={"anneal_epochs": 2.5})})
-    assert seg_train.anneal_end(by_epochs, 4, 0) == 10  # 2.5 epochs x 4 steps
-    assert seg_train.anneal_end(cfg.model_copy(update={"head": "linear"}), 2, 0) is None
+    assert seg_train.anneal_end(by_epochs, 4, "fold 0") == 10  # 2.5 epochs x 4 steps
+    assert seg_train.anneal_end(cfg.model_copy(update={"head": "linear"}), 2, "fold 0") is None
 
 
 def test_a_run_too_short_to_finish_annealing_is_refused_before_training(cholec):

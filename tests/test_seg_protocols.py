@@ -364,6 +364,17 @@ def test_fewshot_with_no_drawable_n_is_one_line_and_writes_nothing(cli, tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def test_fewshot_eomt_too_short_to_finish_annealing_is_refused_before_any_draw_trains(cli, tmp_path):
+    manifest = make_split_manifest(tmp_path / "m")
+    r = cli("eval", "seg", "-c", "seg_tiny", f"data.manifest={manifest}", "data.classes=[bg,fg]", "head=eomt",
+            "eomt.num_queries=4", "data.split_column=split", "data.protocol=fewshot", "fewshot.shots=[8,1]",
+            "train.epochs=2", "train.batch_size=2", "eomt.anneal_steps=3", f"out={tmp_path / 'o'}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    # N=1: 1 step per epoch, 2 in the run; N=8 (4 steps per epoch) would have trained first
+    assert "few-shot N=1, draw 0: EoMT mask annealing needs 3 optimiser steps" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_fewshot_config_refusals():
     with pytest.raises(ValueError, match="fewshot.shots"):
         SegConfig(data={"manifest": "m.csv"}, fewshot={"shots": [0, 2]})

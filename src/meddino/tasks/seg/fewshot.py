@@ -25,12 +25,14 @@ from meddino.errors import DataError
 from meddino.metrics.segmentation import aggregate_seg
 from meddino.runlog import RunDir, write_json
 from meddino.tasks.seg.config import SegConfig
-from meddino.tasks.seg.data import load_seg_data
+from meddino.tasks.seg.data import load_seg_data, num_frames
 from meddino.tasks.seg.folds import Fold, fixed_test
 from meddino.tasks.seg.train import (
     _cases,
     _summary,
+    anneal_end,
     check_model,
+    epoch_steps,
     evaluate_fold,
     make_meta,
     over_units,
@@ -74,6 +76,11 @@ def draw_images(cases: Sequence[SegCase], shots: int, rng: np.random.Generator) 
     return picked
 
 
+def _draw_rng(seed: int, shots: int, draw: int) -> np.random.Generator:
+    """The generator of one draw: the same images for the same (seed, N, draw) in every run."""
+    return np.random.default_rng([seed, shots, draw])
+
+
 def run_fewshot_seg(cfg: SegConfig) -> int:
     fc = cfg.fewshot
     device = pick_device(cfg.train.device)
@@ -85,6 +92,11 @@ def run_fewshot_seg(cfg: SegConfig) -> int:
         raise DataError(f"few-shot: no N in {fc.shots} can be drawn (the training pool has {len(pool_cases)} "
                         f"image(s) beside the {len(test)} test patient(s))")
     scan(data)
+    for shots in sorted(set(fc.shots)):  # every draw long enough to finish EoMT's annealing, before any trains
+        for d in range(fc.draws):
+            picked = draw_images(pool_cases, shots, _draw_rng(cfg.seed, shots, d))
+            if picked is not None:
+                anneal_end(cfg, epoch_steps(num_frames(picked), cfg.train), f"few-shot N={shots}, draw {d}")
     run = RunDir(cfg.out, cfg)
     amp = cfg.train.amp and device.type == "cuda"
     policy = cfg.metrics.policy
@@ -100,7 +112,7 @@ def run_fewshot_seg(cfg: SegConfig) -> int:
         per_draw: dict[str, dict[str, Any]] = {}
         rows_n: list[dict[str, Any]] = []
         for d in range(fc.draws):
-            picked = draw_images(pool_cases, shots, np.random.default_rng([cfg.seed, shots, d]))
+            picked = draw_images(pool_cases, shots, _draw_rng(cfg.seed, shots, d))
             if picked is None:  # depends only on the pool's size: no draw of this N can succeed
                 skipped[key] = f"the training pool has {len(pool_cases)} image(s), fewer than {shots}"
                 break

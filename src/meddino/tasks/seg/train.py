@@ -186,7 +186,7 @@ def train_fold(cfg: SegConfig, data: SegData, fold: Any, run: Any, device: torch
     if spec.criterion is not None:
         criterion = spec.criterion(data.num_classes, data.ignore_index, spec.options(cfg)).to(device)
     plateau = PlateauScale(tc.plateau_patience, tc.plateau_factor, "min" if tc.plateau_monitor == "val_loss" else "max")
-    end = anneal_end(cfg, steps_per_epoch, fold.index)
+    end = anneal_end(cfg, steps_per_epoch, ", ".join(f"{k} {v}" for k, v in at.items()))
     windows = anneal_windows(model.head.num_blocks, end) if end is not None else None
     loop = _Loop(cfg, model, opt, loader, criterion, spec.mask_classification, plateau, device, amp,
                  data.ignore_index, at, steps_per_epoch, windows)
@@ -241,9 +241,10 @@ def epoch_steps(n_frames: int, tc: Any) -> int:
     return batches if tc.max_steps_per_epoch is None else min(batches, tc.max_steps_per_epoch)
 
 
-def anneal_end(cfg: SegConfig, steps_per_epoch: int, fold: int) -> int | None:
+def anneal_end(cfg: SegConfig, steps_per_epoch: int, where: str) -> int | None:
     """The completed optimiser step at which EoMT's mask annealing ends (None: no annealing, this head or
-    ``eomt.mask_annealing=false``); a run of ``train.epochs`` that ends before it is a ConfigError.
+    ``eomt.mask_annealing=false``); a run of ``train.epochs`` that ends before it is a ConfigError naming
+    ``where`` (``fold 0``, ``few-shot N=4 draw 1``).
 
     Its length is its own (``eomt.anneal_steps``, ``eomt.anneal_epochs`` x steps per epoch, else official
     EoMT's 5/6 of the planned steps), so it does not move with early stopping, which it holds off instead.
@@ -260,7 +261,7 @@ def anneal_end(cfg: SegConfig, steps_per_epoch: int, fold: int) -> int | None:
     else:
         return max(1, round(DEFAULT_ANNEAL_FRACTION * run_steps))
     if end > run_steps:
-        raise ConfigError(f"fold {fold}: EoMT mask annealing needs {end} optimiser steps ({how}), the run has "
+        raise ConfigError(f"{where}: EoMT mask annealing needs {end} optimiser steps ({how}), the run has "
                           f"{run_steps} (train.epochs={epochs} x {steps_per_epoch} per epoch); raise "
                           "train.epochs or shorten the annealing, else the kept model would still be masked")
     return end
@@ -272,7 +273,7 @@ def check_annealing(cfg: SegConfig, data: SegData, folds: list[Any]) -> None:
     for fold in folds:
         n = num_frames(_cases(data, fold.train))
         if n:  # no training frames: the fold's DataError says so when it starts
-            anneal_end(cfg, epoch_steps(n, cfg.train), fold.index)
+            anneal_end(cfg, epoch_steps(n, cfg.train), f"fold {fold.index}")
 
 
 def _fold_loaders(cfg: SegConfig, data: SegData, fold: Any, size: tuple[int, int], mean: tuple, std: tuple,
