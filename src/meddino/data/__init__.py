@@ -1,4 +1,5 @@
-"""Data: readers (:mod:`.io`), pretraining sources (:mod:`.sources`), DINO multi-crop (:mod:`.multicrop`),
+"""Data: readers (:mod:`.io`), pretraining sources (:mod:`.sources`), DINO multi-crop (:mod:`.multicrop`;
+on the training device: :mod:`.device_crops`),
 fine-tuning's geometric augmentation (:mod:`.geometric`), labelled manifests (:mod:`.manifest`), patient-level
 splits (:mod:`.splits`), video frames (:mod:`.video`) and the bundled demo data (:mod:`.bundled`).
 """
@@ -13,6 +14,7 @@ __all__, __getattr__ = lazy_exports(
         "read_dicom": ".io",
         "PretrainSource": ".sources",
         "MultiCropAugmentation": ".multicrop",
+        "DeviceCrops": ".device_crops",
         "GeometricAugment": ".geometric",
         "Manifest": ".manifest",
         "read_manifest": ".manifest",

@@ -36,7 +36,7 @@ def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
 
 def _factor(f: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
     """A scalar, or one factor per image of a [N, 3, H, W] batch (broadcast over C, H, W)."""
-    return f if isinstance(f, (int, float)) else f.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return f if isinstance(f, (int, float)) else f.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
 def adjust_brightness(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,8 @@ def adjust_saturation(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Te
     return (x * f).add_(rgb_to_gray(x) * (1.0 - f)).clamp_(0.0, 1.0)
 
 
-def adjust_hue(x: torch.Tensor, shift: float | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def adjust_hue(x: torch.Tensor, shift: float | torch.Tensor, out: torch.Tensor | None = None,
+               max_shift: float | None = None) -> torch.Tensor:
     """Rotate the HSV hue by ``shift`` (fraction of a turn, in [-0.5, 0.5]) keeping S and V.
 
     Hue ``h`` in sextants from the hexcone formulas (R max: (G-B)/d, G max: 2+(B-R)/d, B max: 4+(R-G)/d,
@@ -71,6 +72,7 @@ def adjust_hue(x: torch.Tensor, shift: float | torch.Tensor, out: torch.Tensor |
     ``6 < |h - centre| <= 7`` (only |h - 5| gets there) ``dist <= 1`` and ``a - 1 >= 2``, both clamp to 1.
     So ``c_n = max - d clamp(a - 1, 0, 1)`` exactly, without a modulo: 7 passes per channel. A grey pixel
     (d = 0) stays unchanged. ``out`` may be ``x`` itself (in place): every read of ``x`` comes first.
+    ``max_shift``: ``max |shift|`` when the caller knows it, which saves reading it back from a GPU.
     """
     r, g, b = x.unbind(-3)
     # In-place ops and few temporaries: fresh large allocations (page faults) dominate otherwise.
@@ -94,7 +96,7 @@ def adjust_hue(x: torch.Tensor, shift: float | torch.Tensor, out: torch.Tensor |
     hue.add_(6.0 * shift if isinstance(shift, (int, float)) else 6.0 * _factor(shift, hue))
     if isinstance(shift, (int, float)):
         max_shift = abs(float(shift))
-    else:
+    elif max_shift is None:
         max_shift = float(shift.abs().max()) if shift.numel() else 0.0
     if 6.0 * max_shift > 1.0:  # h could leave [-2, 6]: wrap it into [0, 6) (ColorJitter's 0.1 never needs it)
         hue.sub_(torch.mul(hue, 1.0 / 6.0).floor_().mul_(6.0))
@@ -114,9 +116,7 @@ def _COLOR_OPS_(op: int, x: torch.Tensor, f: float) -> None:
     if op == 0:
         x.mul_(f)
     elif op == 1:
-        # mean luma as the luma of the channel means (one reduction pass instead of a grey image)
-        m = x.mean(dim=(-2, -1)).tolist()
-        mean = m[0] * GRAY_WEIGHTS[0] + m[1] * GRAY_WEIGHTS[1] + m[2] * GRAY_WEIGHTS[2]
+        mean = _mean_luma(x, x.device.type == "cpu")  # before x changes
         x.mul_(f).add_(mean * (1.0 - f))
     elif op == 2:
         gray = rgb_to_gray(x)
@@ -125,6 +125,17 @@ def _COLOR_OPS_(op: int, x: torch.Tensor, f: float) -> None:
         x.copy_(adjust_hue(x, f))
         return
     x.clamp_(0.0, 1.0)
+
+
+def _mean_luma(x: torch.Tensor, as_float: bool) -> float | torch.Tensor:
+    """Mean luma of one float image as the luma of its channel means (one reduction pass instead of a grey
+    image): a Python float (``as_float``, the CPU's fast form) or a 0-dim tensor, which on a GPU avoids a
+    device-to-host wait per view."""
+    if as_float:
+        m = x.mean(dim=(-2, -1)).tolist()
+        return m[0] * GRAY_WEIGHTS[0] + m[1] * GRAY_WEIGHTS[1] + m[2] * GRAY_WEIGHTS[2]
+    w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device)
+    return x.mean(dim=(-2, -1)).mul_(w).sum()
 
 
 # ---------------------------------------------------------------------------------------------- blur, solarise
@@ -149,7 +160,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float | torch.Tensor, taps: int,
         x = x.unsqueeze(0)
     n, c, h, w = x.shape
     pad = taps // 2
-    k = gaussian_kernel1d(sigma, taps)
+    k = gaussian_kernel1d(sigma, taps).to(x.device)
     k = k.expand(n, taps) if k.dim() == 1 else k
     kv = k.view(n, 1, 1, 1, taps)
     mode = "reflect" if pad < h and pad < w else "replicate"

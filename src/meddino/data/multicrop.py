@@ -271,16 +271,24 @@ class MultiCropAugmentation:
 
     # ------------------------------------------------------------------------------------ pixels
     @torch.no_grad()  # not inference_mode: its tensors could not be saved for backward by the model
-    def apply(self, src: torch.Tensor, views: Sequence[ViewParams], full_h: int, full_w: int) -> dict[str, torch.Tensor]:
+    def apply(self, src: torch.Tensor, views: Sequence[ViewParams], full_h: int, full_w: int,
+              trace: list[tuple[int, str]] | None = None) -> dict[str, torch.Tensor]:
         """Apply sampled ``views`` to a uint8 [3, h, w] source that may be a reduced decode of a
-        ``full_h x full_w`` image (boxes are rescaled to it)."""
+        ``full_h x full_w`` image (boxes are rescaled to it). ``trace``: see :meth:`render`."""
         sy, sx = src.shape[1] / full_h, src.shape[2] / full_w
-        out = {"global": self._views(src, views[:2], self.global_size, sy, sx)}
-        out["local"] = self._views(src, views[2:], self.local_size, sy, sx)
+        items = [(src, p, sy, sx) for p in views]
+        out = {"global": self.render(items[:2], self.global_size, trace)}
+        out["local"] = self.render(items[2:], self.local_size, trace)
         return out
 
-    def _views(self, src: torch.Tensor, views: Sequence[ViewParams], size: int, sy: float, sx: float) -> torch.Tensor:
+    @torch.no_grad()
+    def render(self, items: Sequence[tuple[torch.Tensor, ViewParams, float, float]], size: int,
+               trace: list[tuple[int, str]] | None = None) -> torch.Tensor:
         """Crop+resize (+flip) each view in uint8, then apply its ops on its slice of one float batch.
+
+        ``items``: ``(source, params, sy, sx)`` per view, the views of one image (:meth:`apply`) or of a
+        whole batch of images (:mod:`meddino.data.device_crops`); the sources may live on any device and the
+        result is on theirs. ``sy, sx``: the source's scale against the image the box was drawn for.
 
         The views are stacked in an order that makes the jittered ones one contiguous block and the blurred
         ones another (jitter only, jitter + blur, blur only, neither), so the two costly ops (hue, blur) run
@@ -288,51 +296,88 @@ class MultiCropAugmentation:
         puts the rows back in view order before the normalisation. Hue is split out of each view's random
         jitter order: the ops before it run first, then hue on every jittered view at once, then the ops
         after it -- every view still gets its own ops in its own order. The cheap per-view ops run in place.
+        ``trace`` (a list, tests only): gets ``(row, op)`` for every op as it is applied.
         """
-        n = len(views)
+        n = len(items)
         if not n:
-            return torch.empty(0, 3, size, size)
-        h, w = src.shape[1], src.shape[2]
+            device = items[0][0].device if items else torch.device("cpu")
+            return torch.empty(0, 3, size, size, device=device)
+        views = [it[1] for it in items]
+        device = items[0][0].device
         jit = [p.jitter is not None for p in views]
         blr = [p.blur_sigma is not None for p in views]
         perm = sorted(range(n), key=lambda i: (0 if not blr[i] else 1) if jit[i] else (2 if blr[i] else 3))
         crops = []
         for i in perm:
-            crop = resized_crop_uint8(src, _scale_box(views[i], sy, sx, h, w), size)
-            crops.append(crop.flip(-1) if views[i].flip else crop)  # flip is the first op: exact on uint8
+            src, p, sy, sx = items[i]
+            crop = resized_crop_uint8(src, _scale_box(p, sy, sx, src.shape[1], src.shape[2]), size)
+            crops.append(crop.flip(-1) if p.flip else crop)  # flip is the first op: exact on uint8
+            if trace is not None and p.flip:
+                trace.append((i, "flip"))
         x = torch.div(torch.cat(crops), 255.0)  # float [N, 3, S, S] in one pass, rows in ``perm`` order
         n_jit, n_blur = sum(jit), sum(blr)
         for pos, i in enumerate(perm[:n_jit]):
             p = views[i]
             for op in p.order[: p.order.index(3)]:
                 _COLOR_OPS_(op, x[pos], p.jitter[op])  # type: ignore[index]
+                if trace is not None:
+                    trace.append((i, _OP_NAMES[op]))
         if n_jit:
-            shifts = torch.tensor([views[i].jitter[3] for i in perm[:n_jit]])  # type: ignore[index]
-            adjust_hue(x[:n_jit], shifts, out=x[:n_jit])
+            hue = [views[i].jitter[3] for i in perm[:n_jit]]  # type: ignore[index]
+            adjust_hue(x[:n_jit], torch.tensor(hue, device=device), out=x[:n_jit],
+                       max_shift=max(abs(v) for v in hue))
+            if trace is not None:
+                trace.extend((i, "hue") for i in perm[:n_jit])
         for pos, i in enumerate(perm):
             p = views[i]
             view = x[pos]
             if p.jitter is not None:
                 for op in p.order[p.order.index(3) + 1 :]:
                     _COLOR_OPS_(op, view, p.jitter[op])
+                    if trace is not None:
+                        trace.append((i, _OP_NAMES[op]))
             if p.gray:
                 view.copy_(rgb_to_gray(view).expand(3, -1, -1))
+                if trace is not None:
+                    trace.append((i, "gray"))
         if n_blur:
             lo = sum(1 for i in range(n) if jit[i] and not blr[i])
             sigmas = torch.tensor([views[i].blur_sigma for i in perm[lo : lo + n_blur]], dtype=torch.float64)
             gaussian_blur(x[lo : lo + n_blur], sigmas, self.blur_taps, out=x[lo : lo + n_blur])
+            if trace is not None:
+                trace.extend((i, "blur") for i in perm[lo : lo + n_blur])
         for pos, i in enumerate(perm):
             if views[i].solarize:
                 view = x[pos]
                 torch.minimum(view, 1.0 - view, out=view)
+                if trace is not None:
+                    trace.append((i, "solarize"))
         if perm != list(range(n)):
             inv = [0] * n
             for pos, i in enumerate(perm):
                 inv[i] = pos
-            x = x.index_select(0, torch.tensor(inv))
+            x = x.index_select(0, torch.tensor(inv, device=device))
         # normalise: (x - mean) / std as x * (1 / std) - mean / std (within 1e-6 of it; broadcast mul_/add_
         # are the fastest form on CPU, a broadcast addcmul is several times slower)
-        return x.mul_(self._norm_scale).add_(self._norm_bias)
+        scale, bias = self._norm_on(device)
+        return x.mul_(scale).add_(bias)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_norm_cache", None)  # device copies stay in the process that made them
+        return state
+
+    def _norm_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalisation's scale and bias on ``device`` (copied there once)."""
+        if device.type == "cpu":
+            return self._norm_scale, self._norm_bias
+        cache = self.__dict__.setdefault("_norm_cache", {})
+        if device not in cache:
+            cache[device] = (self._norm_scale.to(device), self._norm_bias.to(device))
+        return cache[device]
+
+
+_OP_NAMES = ("brightness", "contrast", "saturation", "hue")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

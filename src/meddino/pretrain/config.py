@@ -176,6 +176,10 @@ class CropsConfig(Schema):
     local_scale: tuple[float, float] | None = None
     n_local: int = Field(8, ge=0)
     blur_quirk: bool | None = None  # v2/v3 released models were trained with blur p 0.0 / 0.9 / 0.5
+    # where JPEGs are decoded and the crops made: loader = in the DataLoader workers (CPU, the default);
+    # cuda = workers read bytes and draw the views, the training GPU decodes (nvJPEG) and crops;
+    # cpu = that device path on the CPU, in the training process (its test mode; slower than loader)
+    device: Literal["loader", "cuda", "cpu"] = "loader"
 
 
 class OptimConfig(Schema):

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from meddino.data import index as dx
 from meddino.data import io
+from meddino.data.device_crops import DeviceCrops, encode
 from meddino.data.multicrop import MultiCropAugmentation, collate_multicrop, sample_generator
 from meddino.data.sources import KIND_NAMES, PretrainSource, Skipped
 from meddino import errors
@@ -264,10 +265,13 @@ class CropDataset(Dataset):
 
     An unreadable sample comes back as a :class:`meddino.data.sources.Skipped` sentinel (with
     ``#index`` prefixed to its reason so that the engine counts distinct samples), never an exception.
+    ``encoded=True`` (``crops.device`` cuda/cpu): the sample is an
+    :class:`~meddino.data.device_crops.EncodedSample` (bytes or pixels, and its views drawn from the same
+    generator), made into crops by :func:`device_batch` in the training process.
     """
 
-    def __init__(self, source: Any, augment: MultiCropAugmentation, seed: int):
-        self.source, self.augment, self.seed = source, augment, int(seed)
+    def __init__(self, source: Any, augment: MultiCropAugmentation, seed: int, encoded: bool = False):
+        self.source, self.augment, self.seed, self.encoded = source, augment, int(seed), bool(encoded)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -276,6 +280,9 @@ class CropDataset(Dataset):
         epoch, slot, position, index = key
         gen = sample_generator(self.seed, epoch, position)
         try:
+            if self.encoded:
+                where = f"#{index} {self.source.describe(index)['path']}"
+                return {"encoded": encode(self.augment, self.source.load(index), gen, where), "slot": int(slot)}
             out = self.augment(self.source.load(index), gen)
         except (DataError, OSError, ValueError, EOFError, MemoryError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -327,6 +334,23 @@ def collate(batch: list[Any]) -> dict[str, Any]:
     return collate_multicrop(batch)
 
 
+def collate_encoded(batch: list[Any]) -> dict[str, Any]:
+    """The device path's batch: the encoded samples and their slots (crops are made by :func:`device_batch`)."""
+    kept = [item for item in batch if isinstance(item, dict)]
+    return {"encoded": [item["encoded"] for item in kept], "slot": [item["slot"] for item in kept],
+            "skipped": [item for item in batch if not isinstance(item, dict)]}
+
+
+def device_batch(batch: dict[str, Any], crops: DeviceCrops) -> dict[str, Any]:
+    """An encoded batch -> the batch :func:`collate` makes (crop-major views on the crops' device, slots,
+    skipped samples, size), decode failures added to the skipped."""
+    views, kept, failed = crops(batch["encoded"])
+    out: dict[str, Any] = {"skipped": list(batch["skipped"]) + failed, "size": len(kept)}
+    if not kept:
+        return {**out, "global": None, "local": None}
+    return {**out, **views, "slot": torch.tensor([batch["slot"][i] for i in kept])}
+
+
 def make_loader(
     dataset: CropDataset, sampler: StepBatchSampler, num_workers: int, pin_memory: bool
 ) -> DataLoader:
@@ -334,7 +358,7 @@ def make_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=collate_encoded if getattr(dataset, "encoded", False) else collate,
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,

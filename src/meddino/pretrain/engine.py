@@ -45,6 +45,7 @@ from meddino.models import export_backbone, resolve_backbone
 from meddino.pretrain import checkpoint as ckpt
 from meddino.pretrain.compiling import compile_units, compile_unavailable
 from meddino.pretrain.config import PretrainConfig, arch_patch_size, arch_version
+from meddino.data.device_crops import DeviceCrops
 from meddino.pretrain.data import (
     CropDataset,
     StepBatchSampler,
@@ -52,6 +53,7 @@ from meddino.pretrain.data import (
     build_source,
     data_summary,
     describe_skipped,
+    device_batch,
     make_loader,
     require_full_batch,
 )
@@ -99,6 +101,12 @@ class Trainer:
         if prec == "bf16" and self.device.type != "cuda":
             raise ConfigError("train.precision=bf16 needs CUDA (CPU runs in fp32)")
         self.autocast = self.device.type == "cuda" and prec in ("auto", "bf16")
+        if cfg.crops.device == "cuda" and self.device.type != "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError("crops.device=cuda: no CUDA GPU is available here (torch.cuda.is_available() "
+                                  "is false); use crops.device=loader, the CPU workers' path")
+            raise ConfigError("crops.device=cuda: the model trains on the CPU (train.device=cpu); the crops "
+                              "would come back from the GPU: use crops.device=loader or train.device=cuda")
         self.global_batch = cfg.data.batch_size * env.world_size
 
     # ------------------------------------------------------------------------------------------ setup
@@ -340,7 +348,9 @@ class Trainer:
                 self._final_export(run)
             return
         augment = build_augmentation(cfg, self.mean, self.std)
-        dataset = CropDataset(self.source, augment, cfg.train.seed)
+        on_device = cfg.crops.device != "loader"
+        dataset = CropDataset(self.source, augment, cfg.train.seed, encoded=on_device)
+        crops = DeviceCrops(augment, self.device if cfg.crops.device == "cuda" else "cpu") if on_device else None
         sampler = StepBatchSampler(len(self.source), self.global_batch, env.rank, env.world_size, cfg.train.seed,
                                    self.start_iter, end)
         loader = make_loader(dataset, sampler, cfg.data.num_workers, pin_memory=self.device.type == "cuda")
@@ -352,6 +362,8 @@ class Trainer:
         with Progress((end - self.start_iter) * imgs_per_it, "pretrain", unit="img") as bar:
             it = self.start_iter
             for batch in loader:
+                if crops is not None:
+                    batch = device_batch(batch, crops)
                 self._count_skipped(batch)
                 if batch["global"] is None:
                     raise DataError(f"data: every image of the batch at iteration {it} was unreadable "
