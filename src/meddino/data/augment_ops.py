@@ -12,6 +12,12 @@ import torch
 import torch.nn.functional as F
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and torchvision
+#: Tests only: use the forms written for GPU tensors (float resize, tensor mean luma) on CPU tensors too.
+FORCE_GPU_FORMS = False
+
+
+def _gpu_forms(x: torch.Tensor) -> bool:
+    return FORCE_GPU_FORMS or x.device.type != "cpu"
 
 
 # ---------------------------------------------------------------------------------------------- crop
@@ -22,7 +28,20 @@ def resized_crop_uint8(src: torch.Tensor, box: tuple[int, int, int, int], size: 
     crop = src[:, top : top + h, left : left + w].unsqueeze(0)
     if (h, w) == (size, size):
         return crop.contiguous()
+    if _gpu_forms(src):  # torch's antialiased uint8 resize exists on the CPU only
+        return _resize_via_float(crop, size)
     return F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+
+
+def _resize_via_float(crop: torch.Tensor, size: int) -> torch.Tensor:
+    """The uint8 kernel's result from float32 passes: horizontal, rounded and clipped to uint8 levels, then
+    vertical, as PIL (and torch's uint8 kernel, which reproduces it) resample; within a grey level of it
+    (fixed-point rounding). One 2-D float pass would skip the clip between passes: up to 6 levels apart
+    at sharp edges, where bicubic overshoots."""
+    x = F.interpolate(crop.float(), size=(crop.shape[-2], size), mode="bicubic", align_corners=False,
+                      antialias=True).round_().clamp_(0.0, 255.0)
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return x.round_().clamp_(0.0, 255.0).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------- colour
@@ -116,7 +135,7 @@ def _COLOR_OPS_(op: int, x: torch.Tensor, f: float) -> None:
     if op == 0:
         x.mul_(f)
     elif op == 1:
-        mean = _mean_luma(x, x.device.type == "cpu")  # before x changes
+        mean = _mean_luma(x, not _gpu_forms(x))  # before x changes
         x.mul_(f).add_(mean * (1.0 - f))
     elif op == 2:
         gray = rgb_to_gray(x)
@@ -134,8 +153,8 @@ def _mean_luma(x: torch.Tensor, as_float: bool) -> float | torch.Tensor:
     if as_float:
         m = x.mean(dim=(-2, -1)).tolist()
         return m[0] * GRAY_WEIGHTS[0] + m[1] * GRAY_WEIGHTS[1] + m[2] * GRAY_WEIGHTS[2]
-    w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device)
-    return x.mean(dim=(-2, -1)).mul_(w).sum()
+    m = x.mean(dim=(-2, -1))  # scalar weights: no host-to-device copy (which would wait for the GPU)
+    return (m[0] * GRAY_WEIGHTS[0]).add_(m[1], alpha=GRAY_WEIGHTS[1]).add_(m[2], alpha=GRAY_WEIGHTS[2])
 
 
 # ---------------------------------------------------------------------------------------------- blur, solarise
