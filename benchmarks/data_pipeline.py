@@ -5,11 +5,15 @@ Both pipelines turn 854 x 480 JPEG frames into 2 x 224 + 8 x 96 normalised crops
 0.2, flip 0.5, bicubic RandomResizedCrop global (0.32, 1) local (0.05, 0.32)), single process, one thread,
 in the same run, their timed passes interleaved. The reference is written here with the torchvision v1
 transforms API on PIL images, the way the official DINOv2 data pipeline is built; meddino's path is
-``MultiCropAugmentation`` reading the file itself. Prints one JSON object: both rates, their ratio, machine
-info, and a check that the outputs agree in distribution (per-channel pixel mean/std of global and local
-crops, and the histogram of crop area fractions against the sampler's uniform scale law).
+``MultiCropAugmentation`` reading the file itself. A third pipeline, ``device_path_cpu``, is the GPU data
+path (``crops.device``: worker reads bytes and draws the views, ``DeviceCrops`` decodes and crops in
+batches of 8) run on the CPU, for its distribution check and as a figure for that code on CPU tensors (it
+is not the GPU's speed). Prints one JSON object: the rates, the ratio, machine info, and a check that the
+outputs agree in distribution (per-channel pixel mean/std of global and local crops, and the histogram of
+crop area fractions against the sampler's uniform scale law). ``--profile`` adds where meddino's CPU time
+goes per image (header, decode, crop+resize, hue, the other jitter ops, grayscale, blur, the rest).
 
-    python benchmarks/data_pipeline.py [--n 64] [--repeats 3] [--threads 1]
+    python benchmarks/data_pipeline.py [--n 64] [--repeats 3] [--threads 1] [--profile]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from meddino.data.device_crops import DeviceCrops, encode  # noqa: E402
 from meddino.data.multicrop import MultiCropAugmentation, sample_generator  # noqa: E402
 from meddino.profile.timing import machine_info  # noqa: E402
 
@@ -168,11 +173,78 @@ def crop_scale_check(n: int = 4000, seed: int = 0) -> dict[str, object]:
     return result
 
 
+def device_path(aug: MultiCropAugmentation, n: int, batch: int = 8):
+    """The device path on the CPU: per image the worker's part, per ``batch`` images the decode + crops.
+    Returns ``run(path, i)`` and the outputs of the current pass (a pass is ``n`` calls; ``n % batch == 0``)."""
+    crops = DeviceCrops(aug, "cpu")
+    pending: list = []
+    done: list[dict[str, torch.Tensor]] = []
+
+    def run(path: Path, i: int) -> dict[str, torch.Tensor]:
+        if i % n == 0:  # a new pass (or the warm-up)
+            pending.clear()
+            done.clear()
+        pending.append(encode(aug, path, sample_generator(0, 0, i)))
+        if len(pending) == batch:
+            out, kept, _ = crops(pending)
+            done.extend({k: v[:, j] for k, v in out.items()} for j in range(len(kept)))
+            pending.clear()
+        return done[-1] if done else {}
+
+    return run, done
+
+
+def profile_stages(aug: MultiCropAugmentation, paths: list[Path], repeats: int = 2) -> dict[str, object]:
+    """CPU ms per image by stage of meddino's path, timed by wrapping the functions it calls."""
+    import collections
+
+    from meddino.data import io as mio
+    from meddino.data import multicrop as mc
+
+    spent: collections.Counter = collections.Counter()
+    originals = []
+
+    def wrap(mod, name: str, label: str) -> None:
+        fn = getattr(mod, name)
+        originals.append((mod, name, fn))
+
+        def timed(*a, **k):
+            t = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] += time.process_time() - t
+
+        setattr(mod, name, timed)
+
+    for mod, name, label in ((mio, "open_image", "header"), (mio, "pil_to_rgb", "decode"),
+                             (mc, "_decode_full_jpeg", "decode"), (mc, "resized_crop_uint8", "crop_resize"),
+                             (mc, "adjust_hue", "hue"), (mc, "_COLOR_OPS_", "brightness_contrast_saturation"),
+                             (mc, "rgb_to_gray", "grayscale"), (mc, "gaussian_blur", "blur")):
+        wrap(mod, name, label)
+    try:
+        total = 0.0
+        for r in range(repeats):
+            for i, p in enumerate(paths):
+                t = time.process_time()
+                aug(p, sample_generator(0, 1, r * len(paths) + i))
+                total += time.process_time() - t
+    finally:
+        for mod, name, fn in originals:
+            setattr(mod, name, fn)
+    n = repeats * len(paths)
+    stages = {k: round(1000 * v / n, 2) for k, v in spent.most_common()}
+    stages["other (float conversion, normalise, gather, Python)"] = round(1000 * (total - sum(spent.values())) / n, 2)
+    return {"ms_per_image": round(1000 * total / n, 2), "stages_ms": stages,
+            "shares": {k: round(v / (1000 * total / n), 3) for k, v in stages.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=64, help="number of generated frames")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes over the frames (best is kept)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (rates are divided by this)")
+    ap.add_argument("--profile", action="store_true", help="add the per-stage CPU time of meddino's path")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="meddino-bench-") as tmp:
@@ -188,10 +260,18 @@ def main() -> None:
         def run_ours(path: Path, i: int) -> dict[str, torch.Tensor]:
             return aug(path, sample_generator(0, 0, i))
 
-        rates = measure({"reference": run_ref, "meddino": run_ours}, paths, args.repeats)
+        if args.n % 8:
+            raise SystemExit("--n must be a multiple of 8 (the device path's batch)")
+        run_device, dev_done = device_path(aug, args.n)
+        rates = measure({"reference": run_ref, "meddino": run_ours, "device_path_cpu": run_device}, paths,
+                        args.repeats)
         ref_rate, ref_wall, ref_out = rates["reference"]
         our_rate, our_wall, our_out = rates["meddino"]
+        dev_rate, dev_wall, _ = rates["device_path_cpu"]
+        dev_out = list(dev_done)
+        profile = profile_stages(aug, paths) if args.profile else None
     pixel = compare_stats(per_sample_stats(ref_out), per_sample_stats(our_out))
+    pixel_device = compare_stats(per_sample_stats(ref_out[: len(dev_out)]), per_sample_stats(dev_out))
     report = {
         "benchmark": "data_pipeline",
         "frames": {"n": args.n, "size": [854, 480], "format": "JPEG q90"},
@@ -200,13 +280,17 @@ def main() -> None:
         "reference_img_per_s_per_core": round(ref_rate / args.threads, 2),
         "meddino_img_per_s_per_core": round(our_rate / args.threads, 2),
         "speedup": round(our_rate / ref_rate, 2),
-        "wall_img_per_s": {"reference": round(ref_wall, 2), "meddino": round(our_wall, 2)},
+        "device_path_cpu_img_per_s_per_core": round(dev_rate / args.threads, 2),
+        "wall_img_per_s": {"reference": round(ref_wall, 2), "meddino": round(our_wall, 2),
+                           "device_path_cpu": round(dev_wall, 2)},
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "target_speedup": 3.0,
         "distribution": {
             "pixel_stats": pixel,
+            "pixel_stats_device_path_cpu": pixel_device,
             "crop_scale": crop_scale_check(),
         },
+        **({"profile": profile} if profile else {}),
         "machine": {
             **machine_info(torch.device("cpu")),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -219,3 +219,19 @@ def test_the_gpu_forms_render_the_same_views_on_cpu_tensors(tmp_path, monkeypatc
         d = (cpu[key] - gpu[key]).abs()
         # measured: mean 0.003-0.005, max 1.6-2.3 grey levels (a level off in the resize, then blur/jitter)
         assert 0 < float(d.max()) < 3.0 / 255 and float(d.mean()) < 0.05 / 255, (key, float(d.mean()), float(d.max()))
+
+
+@pytest.mark.parametrize("kind", ["420", "444", "progressive", "grey"])
+def test_torchvision_jpeg_decode_gives_pils_pixels(kind, tmp_path):
+    """The CPU path decodes full-size RGB/grey JPEGs with torchvision (faster): the very pixels of PIL's
+    decode (chroma 4:2:0 and 4:4:4, progressive, greyscale); CMYK stays with PIL."""
+    from meddino.data import io
+
+    img = _photo(61, 83, 2)
+    path = tmp_path / "x.jpg"
+    opts = {"420": {}, "444": {"subsampling": 0}, "progressive": {"progressive": True}, "grey": {}}[kind]
+    Image.fromarray(img[..., 0] if kind == "grey" else img).save(path, quality=90, **opts)
+    ref = io.read_image(path)
+    ours = io.decode_jpeg_torch(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8))
+    assert ours.stride()[0] == 1  # channels-last, as the resize kernel prefers
+    np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), ref)

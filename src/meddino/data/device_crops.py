@@ -29,7 +29,6 @@ on CPU tensors only; the CUDA branch has not been run on a GPU in this project y
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from meddino.errors import DataError
 
 #: PIL modes of a JPEG sent to the device decoder (decoded there to RGB; greyscale repeated on 3 channels,
 #: as :func:`meddino.data.io.pil_to_rgb` does); CMYK/YCCK JPEGs are decoded on the worker by PIL.
-DEVICE_JPEG_MODES = ("RGB", "L")
+DEVICE_JPEG_MODES = io.TORCH_JPEG_MODES
 
 
 @dataclass
@@ -89,23 +88,19 @@ class DeviceCrops:
 
     def decode(self, samples: Sequence[EncodedSample]) -> list[torch.Tensor | Skipped]:
         """Each sample's uint8 [3, h, w] image on the device (all JPEGs in one decoder call), or Skipped."""
-        from torchvision.io import ImageReadMode, decode_jpeg  # why: torchvision only for this path
-
         out: list[torch.Tensor | Skipped] = [None] * len(samples)  # type: ignore[list-item]
         jpegs = [i for i, s in enumerate(samples) if s.jpeg]
         if jpegs:
             data = [samples[i].data for i in jpegs]
-            with warnings.catch_warnings():  # torchvision 0.29 says its decoders will move to torchcodec
-                warnings.filterwarnings("ignore", message="The image decoding", category=DeprecationWarning)
-                try:
-                    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-                except RuntimeError:  # one bad file fails the batch call: decode one by one to name it
-                    images = []
-                    for i, d in zip(jpegs, data):
-                        try:
-                            images.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self.device))
-                        except RuntimeError as exc:
-                            images.append(Skipped(samples[i].where, f"JPEG decoder: {_reason(exc)}"))
+            try:
+                images = io.decode_jpeg_torch(data, self.device)
+            except RuntimeError:  # one bad file fails the batch call: decode one by one to name it
+                images = []
+                for i, d in zip(jpegs, data):
+                    try:
+                        images.append(io.decode_jpeg_torch(d, self.device))
+                    except RuntimeError as exc:
+                        images.append(Skipped(samples[i].where, f"JPEG decoder: {io.decoder_reason(exc)}"))
             for i, image in zip(jpegs, images):
                 out[i] = image
         for i, s in enumerate(samples):
@@ -140,8 +135,3 @@ class DeviceCrops:
         loc = loc.view(aug.n_local, b, 3, aug.local_size, aug.local_size)
         return {"global": g, "local": loc}, kept, skipped
 
-
-def _reason(exc: BaseException) -> str:
-    """torchvision's message without its source location ('decode_jpeg, .../decode_jpeg.cpp:171, WHY')."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text.rsplit(", ", 1)[-1] if ".cpp:" in text else text

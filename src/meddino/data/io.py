@@ -236,6 +236,31 @@ def read_image(path: str | os.PathLike[str], size_hint: int | tuple[int, int] | 
         im.close()
 
 
+#: PIL modes of a JPEG that torchvision's decoder gives exactly as PIL does (to RGB, greyscale repeated on 3
+#: channels); CMYK/YCCK JPEGs stay with PIL.
+TORCH_JPEG_MODES = ("RGB", "L")
+
+
+def decode_jpeg_torch(data: Any, device: Any = "cpu") -> Any:
+    """``torchvision.io.decode_jpeg`` of uint8 byte tensor(s) (one, or a list: one batched call) to RGB
+    ``[3, H, W]`` uint8 on ``device`` (libjpeg on the CPU, nvJPEG on a GPU); raises RuntimeError for bytes
+    that do not decode. On the CPU it returns the pixels PIL does, channels-last strided, and is about a
+    quarter faster than PIL plus its copy into numpy (no per-line unpacking into PIL's 4-byte pixels)."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg  # why: torchvision only where JPEGs go to it
+
+    with warnings.catch_warnings():  # torchvision 0.29 says its decoders will move to torchcodec
+        warnings.filterwarnings("ignore", message="The image decoding", category=DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def decoder_reason(exc: BaseException) -> str:
+    """torchvision's decoder message without its source location ('decode_jpeg, .../x.cpp:171, WHY')."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.rsplit(", ", 1)[-1] if ".cpp:" in text else text
+
+
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """(width, height) from the header alone (PIL formats) or the DICOM Rows/Columns, without decoding."""
     p = Path(path)
