@@ -235,3 +235,15 @@ def test_torchvision_jpeg_decode_gives_pils_pixels(kind, tmp_path):
     ours = io.decode_jpeg_torch(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8))
     assert ours.stride()[0] == 1  # channels-last, as the resize kernel prefers
     np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), ref)
+
+
+def test_the_render_keeps_to_the_device_and_never_reads_back():
+    """On the 'meta' device (shapes, no data) the whole render runs: no host tensor enters a device op, and
+    nothing is read back to the host (a .tolist(), float() or .item() on a meta tensor raises), which on a
+    GPU would wait for it once per view."""
+    aug = MultiCropAugmentation("v2", 32, 16, n_local=3)
+    enc = [encode(aug, _photo(70, 90, i), sample_generator(0, 0, i)) for i in range(6)]
+    out, kept, skipped = DeviceCrops(aug, "meta")(enc)
+    assert kept == list(range(6)) and not skipped
+    assert out["global"].device.type == "meta" and out["global"].shape == (2, 6, 3, 32, 32)
+    assert out["local"].device.type == "meta" and out["local"].shape == (3, 6, 3, 16, 16)
