@@ -247,3 +247,30 @@ def test_the_render_keeps_to_the_device_and_never_reads_back():
     assert kept == list(range(6)) and not skipped
     assert out["global"].device.type == "meta" and out["global"].shape == (2, 6, 3, 32, 32)
     assert out["local"].device.type == "meta" and out["local"].shape == (3, 6, 3, 16, 16)
+
+
+def test_jitter_batched_by_position_equals_each_views_ops_in_its_order():
+    """The GPU form of colour jitter (views grouped by the op at each position of their random order, at
+    most 16 batched ops) against the functional kernels (each tested against torchvision) applied view by
+    view in the view's own order."""
+    from meddino.data import augment_ops as ops
+    from meddino.data.multicrop import _jitter_by_position
+
+    aug = MultiCropAugmentation("v2", 16, 8, n_local=6)
+    views = [v for i in range(6) for v in aug.sample_params(40, 48, sample_generator(9, 0, i)) if v.jitter]
+    assert len({v.order for v in views}) > 6  # many different orders in one batch
+    x = torch.rand(len(views), 3, 12, 14, generator=torch.Generator().manual_seed(1))
+    fns = (ops.adjust_brightness, ops.adjust_contrast, ops.adjust_saturation, ops.adjust_hue)
+    want = []
+    for j, v in enumerate(views):
+        y = x[j]
+        for op in v.order:
+            y = fns[op](y, v.jitter[op])
+        want.append(y)
+    got = x.clone()
+    trace: list[tuple[int, str]] = []
+    _jitter_by_position(got, views, list(range(len(views))), trace)
+    torch.testing.assert_close(got, torch.stack(want), rtol=0, atol=2e-6)
+    names = ("brightness", "contrast", "saturation", "hue")
+    for j, v in enumerate(views):
+        assert [op for r, op in trace if r == j] == [names[k] for k in v.order]

@@ -20,6 +20,14 @@ def _gpu_forms(x: torch.Tensor) -> bool:
     return FORCE_GPU_FORMS or x.device.type != "cpu"
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (parameters, indices) onto ``device``: to a GPU from pinned memory without
+    blocking, so that the copy does not wait for the kernels already queued."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 # ---------------------------------------------------------------------------------------------- crop
 def resized_crop_uint8(src: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
     """Crop ``box`` (top, left, h, w) of a uint8 [3, H, W] image and resize to ``size`` x ``size`` with
@@ -146,6 +154,26 @@ def _COLOR_OPS_(op: int, x: torch.Tensor, f: float) -> None:
     x.clamp_(0.0, 1.0)
 
 
+def color_op_batch_(op: int, x: torch.Tensor, f: torch.Tensor, max_shift: float | None = None) -> None:
+    """Brightness (0), contrast (1), saturation (2) or hue (3) of a float batch [N, 3, H, W], in place, one
+    factor per image (``f`` [N] on ``x``'s device): the arithmetic of :func:`_COLOR_OPS_` for N views in
+    one set of kernels (the GPU form: few launches, no host reads)."""
+    if op == 3:
+        adjust_hue(x, f, out=x, max_shift=max_shift)
+        return
+    fv = f.to(x.dtype).view(-1, 1, 1, 1)
+    if op == 0:
+        x.mul_(fv)
+    elif op == 1:
+        m = x.mean(dim=(-2, -1))  # [N, 3]: the mean luma as the luma of the channel means
+        mean = (m[:, 0] * GRAY_WEIGHTS[0]).add_(m[:, 1], alpha=GRAY_WEIGHTS[1]).add_(m[:, 2], alpha=GRAY_WEIGHTS[2])
+        x.mul_(fv).add_(mean.view(-1, 1, 1, 1) * (1.0 - fv))
+    else:
+        gray = rgb_to_gray(x).mul_(1.0 - fv)  # before x changes
+        x.mul_(fv).add_(gray)
+    x.clamp_(0.0, 1.0)
+
+
 def _mean_luma(x: torch.Tensor, as_float: bool) -> float | torch.Tensor:
     """Mean luma of one float image as the luma of its channel means (one reduction pass instead of a grey
     image): a Python float (``as_float``, the CPU's fast form) or a 0-dim tensor, which on a GPU avoids a
@@ -179,7 +207,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float | torch.Tensor, taps: int,
         x = x.unsqueeze(0)
     n, c, h, w = x.shape
     pad = taps // 2
-    k = gaussian_kernel1d(sigma, taps).to(x.device)
+    k = to_device(gaussian_kernel1d(sigma, taps), x.device)
     k = k.expand(n, taps) if k.dim() == 1 else k
     kv = k.view(n, 1, 1, 1, taps)
     mode = "reflect" if pad < h and pad < w else "replicate"

@@ -58,7 +58,16 @@ import torch
 from PIL import Image
 
 from meddino.data import io
-from meddino.data.augment_ops import _COLOR_OPS_, adjust_hue, gaussian_blur, resized_crop_uint8, rgb_to_gray
+from meddino.data.augment_ops import (
+    _COLOR_OPS_,
+    _gpu_forms,
+    adjust_hue,
+    color_op_batch_,
+    gaussian_blur,
+    resized_crop_uint8,
+    rgb_to_gray,
+    to_device,
+)
 from meddino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from meddino.errors import DataError
 
@@ -319,22 +328,26 @@ class MultiCropAugmentation:
                 trace.append((i, "flip"))
         x = torch.div(torch.cat(crops), 255.0)  # float [N, 3, S, S] in one pass, rows in ``perm`` order
         n_jit, n_blur = sum(jit), sum(blr)
-        for pos, i in enumerate(perm[:n_jit]):
-            p = views[i]
-            for op in p.order[: p.order.index(3)]:
-                _COLOR_OPS_(op, x[pos], p.jitter[op])  # type: ignore[index]
-                if trace is not None:
-                    trace.append((i, _OP_NAMES[op]))
-        if n_jit:
+        by_position = n_jit > 0 and _gpu_forms(x)
+        if by_position:  # on a GPU: every jitter op of every view in a few batched kernels
+            _jitter_by_position(x[:n_jit], [views[i] for i in perm[:n_jit]], perm[:n_jit], trace)
+        else:
+            for pos, i in enumerate(perm[:n_jit]):
+                p = views[i]
+                for op in p.order[: p.order.index(3)]:
+                    _COLOR_OPS_(op, x[pos], p.jitter[op])  # type: ignore[index]
+                    if trace is not None:
+                        trace.append((i, _OP_NAMES[op]))
+        if n_jit and not by_position:
             hue = [views[i].jitter[3] for i in perm[:n_jit]]  # type: ignore[index]
-            adjust_hue(x[:n_jit], torch.tensor(hue, device=device), out=x[:n_jit],
+            adjust_hue(x[:n_jit], to_device(torch.tensor(hue), device), out=x[:n_jit],
                        max_shift=max(abs(v) for v in hue))
             if trace is not None:
                 trace.extend((i, "hue") for i in perm[:n_jit])
         for pos, i in enumerate(perm):
             p = views[i]
             view = x[pos]
-            if p.jitter is not None:
+            if p.jitter is not None and not by_position:
                 for op in p.order[p.order.index(3) + 1 :]:
                     _COLOR_OPS_(op, view, p.jitter[op])
                     if trace is not None:
@@ -359,7 +372,7 @@ class MultiCropAugmentation:
             inv = [0] * n
             for pos, i in enumerate(perm):
                 inv[i] = pos
-            x = x.index_select(0, torch.tensor(inv, device=device))
+            x = x.index_select(0, to_device(torch.tensor(inv), device))
         # normalise: (x - mean) / std as x * (1 / std) - mean / std (within 1e-6 of it; broadcast mul_/add_
         # are the fastest form on CPU, a broadcast addcmul is several times slower)
         scale, bias = self._norm_on(device)
@@ -381,6 +394,31 @@ class MultiCropAugmentation:
 
 
 _OP_NAMES = ("brightness", "contrast", "saturation", "hue")
+
+
+def _jitter_by_position(x: torch.Tensor, views: Sequence[ViewParams], rows: Sequence[int],
+                        trace: list[tuple[int, str]] | None = None) -> None:
+    """Each view's four jitter ops in its own order, batched by position in the order: for position t
+    and op o, the views whose t-th op is o get it together (at most 16 batched ops, whatever the number of
+    views), with per-view factors. The GPU form of the per-view loop in :meth:`MultiCropAugmentation.render`
+    (a few kernel launches per crop size instead of about ten per view); the same arithmetic. ``x``: the
+    jittered rows [N, 3, S, S], in place; ``rows``: their view numbers, for ``trace``."""
+    groups = [(op, [j for j, v in enumerate(views) if v.order[t] == op]) for t in range(4) for op in range(4)]
+    groups = [(op, pos) for op, pos in groups if pos]
+    flat = [j for _, pos in groups for j in pos]
+    factors = torch.tensor([views[j].jitter[op] for op, pos in groups for j in pos])  # type: ignore[index]
+    index = to_device(torch.tensor(flat), x.device)  # one host-to-device copy each for all groups
+    factors = to_device(factors, x.device)
+    start = 0
+    for op, pos in groups:
+        idx, f = index[start : start + len(pos)], factors[start : start + len(pos)]
+        sub = x.index_select(0, idx)
+        max_shift = max(abs(views[j].jitter[3]) for j in pos) if op == 3 else None  # type: ignore[index]
+        color_op_batch_(op, sub, f, max_shift)
+        x.index_copy_(0, idx, sub)
+        if trace is not None:
+            trace.extend((rows[j], _OP_NAMES[op]) for j in pos)
+        start += len(pos)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
