@@ -17,8 +17,9 @@ Split of the work:
 
 Differences from the CPU path: a JPEG is always decoded at full size (torchvision's decoders have no DCT
 scaling), so crops are resampled from the full image, as the official pipeline does; the CPU path's reduced
-decode differs from it by about a grey level. On a GPU, contrast's mean luma stays a device tensor instead
-of a Python float (no host round trip per view). A file whose bytes do not decode is a
+decode differs from it by about a grey level. On a GPU the kernels take their GPU forms (the resize in
+float32 as two rounded passes, within a grey level of the uint8 kernel; contrast's mean luma as a device
+tensor; jitter batched by position in the random order). A file whose bytes do not decode is a
 :class:`~meddino.data.sources.Skipped` sample, as on the CPU path.
 
 ``crops.device=cpu`` runs this same code with ``device="cpu"`` in the training process: slower than the

@@ -22,7 +22,8 @@ How it is fast without changing the output distribution:
    the same distributions as torchvision's samplers (:meth:`MultiCropAugmentation.sample_params`).
 2. Knowing every crop box, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8 via ``Image.draft``)
    at which every box still has at least as many pixels as its output, so no crop is ever upsampled more
-   than from the full-size image (large frames, e.g. 1080p surgical video, decode at 1/2).
+   than from the full-size image (large frames, e.g. 1080p surgical video, decode at 1/2). A full-size RGB
+   or greyscale JPEG is decoded by torchvision's CPU decoder: PIL's pixels, about a quarter faster.
 3. Each crop is cut as a view of the decoded uint8 array and resized with the native uint8 bicubic
    antialiased kernel (no PIL round trip, no per-crop float copy of the source).
 4. Flips are done on the uint8 crops. Colour ops run in float32 on [0, 1], in place, in one batch per crop
@@ -42,6 +43,11 @@ of the reduced image.
 
 Seeding: every sample's randomness comes from a ``torch.Generator`` seeded by :func:`sample_seed` from
 ``(seed, epoch, index)``, so a resumed run, any worker count and any order see the same augmentations.
+
+:meth:`MultiCropAugmentation.render` takes the views of one image or of a whole batch, on any device: the
+GPU data path (:mod:`meddino.data.device_crops`, ``crops.device=cuda``) renders every view of a batch
+there; on a non-CPU device the kernels take their GPU forms (float resize, colour jitter batched by
+position in the random order, no host reads), which the suite checks on CPU tensors.
 """
 
 from __future__ import annotations
