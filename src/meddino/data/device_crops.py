@@ -29,6 +29,7 @@ on CPU tensors only; the CUDA branch has not been run on a GPU in this project y
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +59,11 @@ class EncodedSample:
     full_size: tuple[int, int]
     where: str  # "#index path", the name of a Skipped line
 
+    def pin_memory(self) -> EncodedSample:
+        """What the DataLoader's pin thread calls: decoded pixels pinned (their copy to the GPU then does
+        not block); JPEG bytes stay as they are (the decoder reads them on the host)."""
+        return self if self.jpeg else dataclasses.replace(self, data=self.data.pin_memory())
+
 
 def encode(aug: MultiCropAugmentation, image: Any, generator: torch.Generator, where: str = "") -> EncodedSample:
     """The worker's part: views drawn from the image size (the header, for a JPEG) and the bytes or pixels."""
@@ -77,7 +83,7 @@ def encode(aug: MultiCropAugmentation, image: Any, generator: torch.Generator, w
         finally:
             im.close()
     src, views, full = aug._load(image, generator)
-    return EncodedSample(src.contiguous(), False, views, full, where or str(image)[:200])
+    return EncodedSample(src.contiguous(), False, views, full, where or type(image).__name__)
 
 
 class DeviceCrops:

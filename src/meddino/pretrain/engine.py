@@ -40,12 +40,12 @@ import torch
 from torch import nn
 
 from meddino import ssl
+from meddino.data.device_crops import DeviceCrops
 from meddino.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UserError, first_line
 from meddino.models import export_backbone, resolve_backbone
 from meddino.pretrain import checkpoint as ckpt
 from meddino.pretrain.compiling import compile_units, compile_unavailable
 from meddino.pretrain.config import PretrainConfig, arch_patch_size, arch_version
-from meddino.data.device_crops import DeviceCrops
 from meddino.pretrain.data import (
     CropDataset,
     StepBatchSampler,
