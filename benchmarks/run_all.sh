@@ -16,6 +16,7 @@ if [ "$device" = "cpu" ]; then
     run data_index --rows 1000000 --epoch 100000 --workers 8 --folder 50000
     run step_profile --batch 4 --steps 3
 else
+    run device_crops --device cuda --n 256 --batch 64 --repeats 3
     run linear_grid --device cuda
     run seg_inference --device cuda --size 224 --iters 100 --baselines
     run phase_online --device cuda --frames 200
