@@ -72,6 +72,22 @@ def test_threaded_walk_keeps_the_sorted_depth_first_order_and_the_file_round_tri
     assert len(pickle.dumps(mapped)) < 200 and list(pickle.loads(pickle.dumps(mapped)).files) == images
 
 
+def test_a_symlink_loop_is_skipped_in_one_line_and_other_symlinked_folders_are_followed(tmp_path, capsys):
+    root = _tree(tmp_path / "data")
+    plain = _reference_walk(str(root))
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    Image.new("RGB", (8, 8)).save(other / "far.png")
+    (root / "z" / "b" / "up").symlink_to(root, target_is_directory=True)  # back to an enclosing folder
+    (root / "linked").symlink_to(other, target_is_directory=True)
+    walked, dirs = dx.walk_folder(str(root), threads=4)
+    assert "linked/far.png" in walked and not any(f.startswith("z/b/up/") for f in walked)
+    assert [os.path.join(root, f) for f in walked if not f.startswith("linked/")] == plain
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"data: skipped {root / 'z' / 'b' / 'up'}: a symlink loop (it is one of its enclosing folders)"]
+    assert "linked/far.png" not in dx.walk_folder(str(root), follow_symlinks=False)[0]
+
+
 def test_manifest_rows_patients_and_dropped_rows(tmp_path):
     _png(tmp_path / "img" / "a.png")
     _png(tmp_path / "img" / "b.png", 1)

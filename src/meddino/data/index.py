@@ -199,14 +199,16 @@ def _count_changed(paths: StringTable, recorded: np.ndarray, threads: int | None
 
 
 # ------------------------------------------------------------------------------------------ the walk
-def _list_dir(folder: str, follow_symlinks: bool) -> tuple[list[str], list[str], int]:
-    """Sorted file names and subfolder names of ``folder`` (hidden ones skipped), and its mtime."""
+def _list_dir(folder: str, follow_symlinks: bool) -> tuple[list[str], list[str], int, tuple[int, int] | None]:
+    """Sorted file names and subfolder names of ``folder`` (hidden ones skipped), its mtime, and its
+    (device, inode): the identity a symlink loop repeats."""
     try:
-        mtime = os.stat(folder).st_mtime_ns
+        st = os.stat(folder)
         with os.scandir(folder) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError:
-        return [], [], -1
+        return [], [], -1, None
+    mtime, ident = st.st_mtime_ns, (st.st_dev, st.st_ino)
     files, subdirs = [], []
     for entry in entries:
         if entry.name.startswith("."):
@@ -218,26 +220,32 @@ def _list_dir(folder: str, follow_symlinks: bool) -> tuple[list[str], list[str],
                 files.append(entry.name)
         except OSError:
             continue
-    return files, subdirs, mtime
+    return files, subdirs, mtime, ident
 
 
 def walk_folder(root: str, follow_symlinks: bool = True, threads: int | None = None,
                 on_listed: Callable[[int], None] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
     """Files under ``root`` relative to it, in sorted depth-first order (a folder's files, then its
-    subfolders), and every folder listed with its mtime; listings run ``threads`` at a time."""
+    subfolders), and every folder listed with its mtime; listings run ``threads`` at a time.
+
+    A folder that is one of its own enclosing folders (a symlink back up the tree: ``find -L`` calls it a
+    loop) is not descended into, with one line naming it, where following it would never end."""
     listings: dict[str, tuple[list[str], list[str], int]] = {}
     with ThreadPoolExecutor(threads or default_threads()) as pool:
-        pending = {pool.submit(_list_dir, root, follow_symlinks): ""}
+        pending = {pool.submit(_list_dir, root, follow_symlinks): ("", frozenset())}
         while pending:
             done = next(iter(_as_completed(pending)))
-            rel = pending.pop(done)
-            files, subdirs, mtime = done.result()
+            rel, enclosing = pending.pop(done)
+            files, subdirs, mtime, ident = done.result()
+            if ident is not None and ident in enclosing:
+                say(f"data: skipped {os.path.join(root, rel)}: a symlink loop (it is one of its enclosing folders)")
+                files, subdirs = [], []
             listings[rel] = (files, subdirs, mtime)
             if on_listed is not None:
                 on_listed(len(files))
             for name in subdirs:
                 child = f"{rel}/{name}" if rel else name
-                pending[pool.submit(_list_dir, os.path.join(root, child), follow_symlinks)] = child
+                pending[pool.submit(_list_dir, os.path.join(root, child), follow_symlinks)] = (child, enclosing | {ident})
     out: list[str] = []
     dirs: list[tuple[str, int]] = []
     stack = [""]
@@ -251,7 +259,7 @@ def walk_folder(root: str, follow_symlinks: bool = True, threads: int | None = N
     return out, dirs
 
 
-def _as_completed(pending: dict[Any, str]) -> Iterable[Any]:
+def _as_completed(pending: dict[Any, Any]) -> Iterable[Any]:
     from concurrent.futures import FIRST_COMPLETED, wait
 
     done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
