@@ -9,7 +9,9 @@ so any checkpoint's features can be evaluated without the training state.
 The training state itself (:func:`training_state`, written by the engine's ``save``) and the resume that
 reads it back into student, teachers, centres and optimiser (:func:`restore_training_state`, with
 :func:`resume_path` choosing the file and :func:`truncate_metrics` dropping the rows logged after it) live
-here too, so :mod:`meddino.pretrain.engine` only orchestrates them.
+here too, so :mod:`meddino.pretrain.engine` only orchestrates them. The sharded format
+(``checkpoint_<iteration>.dcp/`` folders, ``train.checkpoint_format=sharded``) is written and read by
+:mod:`meddino.pretrain.sharded`; listing, pruning and the removal of interrupted writes here cover both.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,13 @@ import torch
 from torch import nn
 
 from meddino.errors import CheckpointError, ConfigError
+from meddino.models.checkpoints.dcp import MARKER
 from meddino.pretrain.distributed import all_gather_object, full_state_dict, load_full_state_dict
 from meddino.runlog import atomic_path, atomic_write, read_metrics
 
 _NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
+_SHARDED = re.compile(r"^checkpoint_(\d+)\.dcp$")
+_SHARDED_TEMP = re.compile(r"^\.checkpoint_\d+\.dcp\.tmp$")
 _EXPORT = re.compile(r"^teacher_backbone_(\d+)\.(safetensors|json)$")
 # the temp files of runlog.atomic_write/atomic_path (".NAME.<8 random chars><suffix>") for the files a run
 # writes into its folder and checkpoints/: a kill during a write leaves one behind
@@ -46,7 +52,8 @@ def export_path(folder: Path, iteration: int) -> Path:
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """(iteration, path) of every complete checkpoint in ``folder``, oldest first."""
+    """(iteration, path) of every complete checkpoint in ``folder``, oldest first: ``.pt`` files and
+    ``.dcp`` folders that hold their completion marker."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -54,6 +61,9 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     for p in folder.iterdir():
         m = _NAME.match(p.name)
         if m and p.is_file():
+            found.append((int(m.group(1)), p))
+        m = _SHARDED.match(p.name)
+        if m and (p / MARKER).is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -87,7 +97,7 @@ def prune(folder: Path, keep_last: int) -> None:
     folder = Path(folder)
     items = list_checkpoints(folder)
     for _, p in items[: max(len(items) - keep_last, 0)]:
-        p.unlink(missing_ok=True)
+        remove_checkpoint(p)
     kept = {it for it, _ in list_checkpoints(folder)}
     for p in folder.iterdir():
         m = _EXPORT.match(p.name)
@@ -95,9 +105,21 @@ def prune(folder: Path, keep_last: int) -> None:
             p.unlink(missing_ok=True)
 
 
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint file or sharded folder; a folder loses its marker first, so a kill halfway
+    leaves an incomplete folder that is never resumed from (and is removed at the next start)."""
+    path = Path(path)
+    if path.is_dir():
+        (path / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def remove_stale_temp_files(*folders: Path) -> list[Path]:
-    """Delete the temp files a killed write left in a run's folders (nothing else: only the temp names of
-    the files a pretraining run writes); returns what was removed."""
+    """Delete what a killed write left in a run's folders (nothing else: only the temp names of the files
+    a pretraining run writes, the temp folders of sharded checkpoints and sharded checkpoint folders
+    without their completion marker); returns what was removed."""
     removed = []
     for folder in folders:
         if not Path(folder).is_dir():
@@ -105,6 +127,9 @@ def remove_stale_temp_files(*folders: Path) -> list[Path]:
         for p in Path(folder).iterdir():
             if _TEMP.match(p.name) and p.is_file():
                 p.unlink(missing_ok=True)
+                removed.append(p)
+            elif p.is_dir() and (_SHARDED_TEMP.match(p.name) or (_SHARDED.match(p.name) and not (p / MARKER).is_file())):
+                shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
 

@@ -218,6 +218,10 @@ class TrainConfig(Schema):
     compile: bool = False
     grad_checkpointing: bool = False
     fsdp: bool = False
+    # full: one checkpoint_<it>.pt written by rank 0 (under FSDP2 every tensor is gathered onto it);
+    # sharded: a checkpoint_<it>.dcp/ folder each rank writes its own shards into (torch.distributed.checkpoint);
+    # auto: sharded under FSDP2 (train.fsdp=true with several processes), full otherwise
+    checkpoint_format: Literal["auto", "full", "sharded"] = "auto"
     # stop with exit code 2 (keeping the last good checkpoint) when the collapse detector fires
     stop_on_collapse: bool = False
 

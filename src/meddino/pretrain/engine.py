@@ -43,7 +43,10 @@ from meddino import ssl
 from meddino.data.device_crops import DeviceCrops
 from meddino.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UserError, first_line
 from meddino.models import export_backbone, resolve_backbone
+from meddino.models.checkpoints.dcp import is_sharded_checkpoint
+from meddino.models.checkpoints.export import export_meta
 from meddino.pretrain import checkpoint as ckpt
+from meddino.pretrain import sharded as dcp_ckpt
 from meddino.pretrain.compiling import compile_units, compile_unavailable
 from meddino.pretrain.config import PretrainConfig, arch_patch_size, arch_version
 from meddino.pretrain.data import (
@@ -159,6 +162,8 @@ class Trainer:
         self.objective = SSLObjective(cfg, self.student).to(self.device)
         self.mean, self.std = tuple(backbone.mean), tuple(backbone.std)
         self.sharded = bool(cfg.train.fsdp and env.distributed)
+        fmt = cfg.train.checkpoint_format
+        self.checkpoint_format = "sharded" if fmt == "sharded" or (fmt == "auto" and self.sharded) else "full"
         self._plain_backbone: nn.Module | None = None
         if self.sharded:  # an unsharded copy to export / monitor the teacher from gathered weights
             self._plain_backbone = copy.deepcopy(backbone).cpu()
@@ -234,10 +239,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ state
     def _load(self, path: Path) -> None:
-        """Resume from checkpoint ``path`` (see :func:`meddino.pretrain.checkpoint.restore_training_state`)."""
-        resumed = ckpt.restore_training_state(path, self.student, self.objective, self.optimizer,
-                                              sharded=self.sharded, version=self.cfg.method.version,
-                                              rank=self.env.rank, world_size=self.env.world_size)
+        """Resume from checkpoint ``path``: a ``.pt`` file (:func:`meddino.pretrain.checkpoint.restore_training_state`)
+        or a sharded folder (:func:`meddino.pretrain.sharded.restore_sharded`), whatever this run writes."""
+        restore = dcp_ckpt.restore_sharded if is_sharded_checkpoint(path) else ckpt.restore_training_state
+        resumed = restore(path, self.student, self.objective, self.optimizer, sharded=self.sharded,
+                          version=self.cfg.method.version, rank=self.env.rank, world_size=self.env.world_size)
         self.start_iter = resumed.iteration
         self.skipped.update(resumed.skipped)
         self._resume_rng = resumed.rng
@@ -251,7 +257,20 @@ class Trainer:
     collapse_detector: CollapseDetector | None = None
 
     def save(self, iteration: int) -> None:
+        """Checkpoint ``iteration`` in ``train.checkpoint_format`` and its teacher backbone export (a
+        collective). Sharded: each rank writes its shards; the export gathers the teacher backbone alone
+        (one model's weights, not heads or optimiser) onto rank 0."""
         self._merge_skipped()
+        if self.checkpoint_format == "sharded":
+            teacher_bb = self.teacher_backbone()
+            if self.env.is_main:
+                export_backbone(teacher_bb, ckpt.export_path(self.ckpt_dir, iteration))
+            dcp_ckpt.save_sharded(
+                self.ckpt_dir, iteration, self.student, self.objective, self.optimizer, is_main=self.env.is_main,
+                world_size=self.env.world_size, fsdp=self.sharded, version=self.cfg.method.version,
+                skipped=self.skipped, backbone=export_meta(teacher_bb, "", None), keep_last=self.cfg.train.keep_last,
+            )
+            return
         state = ckpt.training_state(  # collective (RNG gather, FSDP gathers): every rank calls it
             iteration, self.student, self.objective, self.optimizer, sharded=self.sharded,
             world_size=self.env.world_size, version=self.cfg.method.version, skipped=self.skipped,
@@ -460,17 +479,18 @@ class Trainer:
 
     def teacher_backbone(self, teacher_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """The EMA teacher's backbone as a plain module (under FSDP2: the unsharded copy loaded with the
-        gathered weights, a collective that every rank must call)."""
+        backbone's weights gathered onto rank 0, or taken from ``teacher_state``; a collective that every
+        rank must call)."""
         if not self.sharded:
             return self.objective.teacher.backbone
-        if teacher_state is None:
-            teacher_state = full_state_dict(self.objective.teacher, True)
+        prefix = "backbone."
+        if teacher_state is None:  # the backbone alone: its heads are not needed for an export
+            state = full_state_dict(self.objective.teacher.backbone, True)
+        else:
+            state = {k[len(prefix):]: v for k, v in teacher_state.items() if k.startswith(prefix)}
         assert self._plain_backbone is not None
-        if teacher_state:  # gathered with cpu_offload: the full weights exist on rank 0 only
-            prefix = "backbone."
-            self._plain_backbone.load_state_dict(
-                {k[len(prefix):]: v for k, v in teacher_state.items() if k.startswith(prefix)}
-            )
+        if state:  # gathered with cpu_offload: the full weights exist on rank 0 only
+            self._plain_backbone.load_state_dict(state)
         return self._plain_backbone
 
     def _write_data_summary(self) -> None:

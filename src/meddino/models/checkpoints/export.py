@@ -39,11 +39,23 @@ def export_backbone(module: nn.Module, path: str | Path) -> Path:
     else:
         raise TypeError(f"export_backbone needs a meddino Backbone, got {type(module).__name__}")
     state = {k: v.detach().contiguous().cpu() for k, v in target.state_dict().items()}
+    meta = export_meta(module, path.name, mask_token)
+    arch = module.arch
+    data = save(state, metadata={"format": EXPORT_FORMAT, "arch": json.dumps(arch, sort_keys=True)})
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(sorted_header(data))
+    write_json(path.with_suffix(".json"), meta)
+    return path
+
+
+def export_meta(module: nn.Module, weights: str, mask_token: list[float] | None) -> dict[str, Any]:
+    """The JSON sidecar of an export of ``module`` whose weights file is ``weights`` (also the description
+    a sharded pretraining checkpoint keeps of its teacher backbone, :mod:`.dcp`)."""
     arch = module.arch
     timm_kwargs = dict(arch.get("kwargs", {}))
     norm_eps = timm_kwargs.pop("norm_eps", None)  # not a timm option: applied to every LayerNorm on load
     pos_embed_resample = timm_kwargs.pop("pos_embed_resample", None)  # meddino's, not timm's
-    meta = {
+    return {
         "format": EXPORT_FORMAT,
         "format_version": 1,
         "timm_name": arch["timm_name"],
@@ -53,14 +65,9 @@ def export_backbone(module: nn.Module, path: str | Path) -> Path:
         "pos_embed_resample": pos_embed_resample,
         "embed_dim": module.embed_dim,
         "patch_size": module.patch_size,
-        "weights": path.name,
+        "weights": weights,
         "mask_token": mask_token,
     }
-    data = save(state, metadata={"format": EXPORT_FORMAT, "arch": json.dumps(arch, sort_keys=True)})
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(sorted_header(data))
-    write_json(path.with_suffix(".json"), meta)
-    return path
 
 
 def sorted_header(data: bytes) -> bytes:

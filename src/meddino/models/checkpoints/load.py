@@ -43,6 +43,7 @@ from meddino.errors import CheckpointError
 from meddino.models.archs import resolve_arch
 from meddino.models.backbone import Backbone
 from meddino.models.checkpoints.convert import infer_arch, official_v2_to_timm, official_v3_to_timm, pop_ignored
+from meddino.models.checkpoints.dcp import check_sharded_checkpoint, is_sharded_checkpoint, read_tensors
 from meddino.models.checkpoints.read import detect_layout, export_sidecar, read_checkpoint, unwrap_state_dict
 from meddino.models.checkpoints.strict import load_into_strict
 from meddino.models.factory import build_backbone, build_from_timm, build_timm_backbone
@@ -174,6 +175,11 @@ def load_backbone(
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
 
+    if is_sharded_checkpoint(path):  # meddino pretrain's train.checkpoint_format=sharded folder
+        backbone = _load_sharded(path, key, img_size, drop_path_rate, verbose, pos_embed_resample, resize_pos_embed)
+        if arch is not None:
+            _check_against_arch(arch, _export_geometry(backbone), backbone.version, path)
+        return backbone
     sidecar = export_sidecar(path)
     if sidecar is not None:
         backbone = _load_export(path, sidecar, img_size, drop_path_rate, verbose, pos_embed_resample,
@@ -269,10 +275,13 @@ def _load_export(
     verbose: bool = False,
     pos_embed_resample: str | None = None,
     resize_pos_embed: bool = False,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """A meddino export (``meta``: its JSON sidecar) -> module, as :func:`load_backbone` builds it."""
+    """A meddino export (``meta``: its JSON sidecar) -> module, as :func:`load_backbone` builds it
+    (``state``: its weights already read, from a sharded checkpoint)."""
     weights = Path(meta["_weights"])
-    state = read_checkpoint(weights)
+    if state is None:
+        state = read_checkpoint(weights)
     if meta.get("version") == "cnn":
         model = build_timm_backbone(meta["timm_name"])
         load_into_strict(model.model, state, weights)
@@ -297,7 +306,39 @@ def _load_export(
     load_into_strict(backbone.vit, state, weights)
     if meta.get("mask_token") is not None:
         _set_mask_token(backbone, torch.tensor(meta["mask_token"], dtype=torch.float32), weights)
-    backbone.load_report = LoadReport(str(weights), "meddino export", [], resampled, kept, backbone.pos_embed_resample)
+    layout = "meddino sharded checkpoint" if weights.is_dir() else "meddino export"
+    backbone.load_report = LoadReport(str(weights), layout, [], resampled, kept, backbone.pos_embed_resample)
+    if verbose:
+        announce(backbone.load_report)
+    return backbone
+
+
+def _load_sharded(
+    path: Path,
+    key: str | None,
+    img_size: int | None,
+    drop_path_rate: float,
+    verbose: bool,
+    pos_embed_resample: str | None,
+    resize_pos_embed: bool,
+) -> nn.Module:
+    """The teacher (or ``key=student``) backbone of a sharded pretraining checkpoint, read on this process
+    alone: only that backbone's tensors are read, built from the export description in its marker."""
+    marker, _ = check_sharded_checkpoint(path)
+    section = key or "teacher"
+    if section not in ("teacher", "student"):
+        raise CheckpointError(f"{path}: key={section}: a sharded pretraining checkpoint holds the backbones "
+                              "'teacher' (default) and 'student'")
+    meta = marker.get("backbone")
+    if not isinstance(meta, dict) or "timm_name" not in meta:
+        raise CheckpointError(f"{path}: its marker describes no backbone (written by another meddino version?)")
+    tensors = read_tensors(path, section, "backbone.")
+    state = {k[len("backbone.vit."):]: v for k, v in tensors.items() if k.startswith("backbone.vit.")}
+    meta = {**meta, "_weights": str(path), "mask_token": None}
+    backbone = _load_export(path, meta, img_size, drop_path_rate, False, pos_embed_resample, resize_pos_embed,
+                            state=state)
+    if "backbone.mask_token" in tensors:
+        _set_mask_token(backbone, tensors["backbone.mask_token"], path)
     if verbose:
         announce(backbone.load_report)
     return backbone
