@@ -1,5 +1,5 @@
-"""Verbs of the models layer: ``meddino convert SRC DST``, any readable checkpoint -> meddino export
-(safetensors + JSON); ``meddino export folder RUN``, a pretraining run -> a model folder timm and the Hugging
+"""Verbs of the models layer: ``meddino convert SRC DST``, any readable checkpoint (a sharded pretraining
+checkpoint folder too: :mod:`meddino.models.checkpoints.dcp`) -> meddino export (safetensors + JSON); ``meddino export folder RUN``, a pretraining run -> a model folder timm and the Hugging
 Face Hub load (:mod:`meddino.models.model_folder`)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from meddino.verbs import Arg, Verb
 VERBS = (
     Verb(
         "convert",
-        help="convert a checkpoint (official, timm, Hugging Face, seed) to a meddino export",
+        help="convert a checkpoint (official, timm, Hugging Face, seed, a sharded pretraining .dcp) to a meddino export",
         description="Read SRC in any supported format and write DST.safetensors + DST.json "
         "(timm key layout, loadable by meddino and plain timm).",
         schema="meddino.models.commands:ConvertConfig",
@@ -21,7 +21,8 @@ VERBS = (
         overrides_help="arch=NAME (the architecture it must match) img_size=N (resample position embeddings "
         "once to it) pos_embed_resample=dinov1|dinov2|dinov2_reg|timm num_heads=N key=teacher|student|...",
         args=(
-            Arg("src", "src", help="checkpoint file or folder (a trailing #key picks a wrapper entry, e.g. #student)"),
+            Arg("src", "src", help="checkpoint file or folder, e.g. a sharded pretraining checkpoint_N.dcp (read on "
+                "this process alone; a trailing #key picks a wrapper entry, e.g. #student)"),
             Arg("dst", "dst", help="output path (.safetensors is added when missing)"),
             Arg("--arch", "arch", deprecated="arch=NAME", help="deprecated: use arch=NAME"),
             Arg("--img-size", "img_size", deprecated="img_size=N", help="deprecated: use img_size=N"),
