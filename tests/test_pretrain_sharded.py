@@ -128,17 +128,21 @@ def _damage(folder: Path, how: str, tmp_path: Path) -> None:
     elif how == "truncated shard":
         shard = folder / "__0_0.distcp"
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif how == "garbled shard":  # its length kept: only reading it tells
+        shard = folder / "__0_0.distcp"
+        shard.write_bytes(b"\0" * shard.stat().st_size)
     elif how == "missing shard":
         (folder / "__0_0.distcp").unlink()
     elif how == "code in the metadata":
         (folder / ".metadata").write_bytes(pickle.dumps(_Payload(str(tmp_path / "ran"))))
 
 
-@pytest.mark.parametrize("how", ["no marker", "truncated shard", "missing shard", "code in the metadata"])
+@pytest.mark.parametrize("how", ["no marker", "truncated shard", "garbled shard", "missing shard", "code in the metadata"])
 def test_an_incomplete_or_damaged_sharded_checkpoint_is_one_line(how, run, tmp_path, capsys):
     says = {
         "no marker": "incomplete sharded checkpoint (no meddino_checkpoint.json: its write was interrupted)",
         "truncated shard": "damaged sharded checkpoint (shard file __0_0.distcp has",
+        "garbled shard": "cannot read the sharded checkpoint (rank 0: ",
         "missing shard": "damaged sharded checkpoint (shard file __0_0.distcp is missing)",
         "code in the metadata": "refused to unpickle posix.system",
     }[how]
@@ -177,3 +181,29 @@ def test_the_slurm_example_is_valid_bash_and_runs_meddino_pretrain():
 
     assert "pretrain" in build_parser()._subparsers._group_actions[0].choices  # the verb it runs exists
     assert (ROOT / "docs" / "distributed.md").read_text().count("examples/slurm_pretrain.sbatch") >= 1
+
+
+def test_a_failed_sharded_write_is_one_line_and_keeps_the_previous_checkpoint(images, tmp_path, monkeypatch):
+    """A rank's writer fails inside DCP (which wraps it in its CheckpointException, a BaseException): one
+    line naming the rank's own reason and the previous checkpoint; the temp folder goes at the next start."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    real, calls = FileSystemWriter.write_data, []
+
+    def write_data(self, *args, **kwargs):
+        calls.append(self.path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", write_data)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError) as err:
+        run_pretrain(config("dinov1_tiny", images, out, "train.iterations=4", "train.checkpoint_every=2", *SHARDED))
+    ckpts = out / "checkpoints"
+    assert str(err.value) == (f"cannot write checkpoint {ckpts / 'checkpoint_00000004.dcp'} (rank 0: No space left "
+                              "on device; is the disk full or a file-size limit set?); the previous checkpoint is "
+                              f"intact: {ckpts / 'checkpoint_00000002.dcp'}")
+    assert [p.name for _, p in list_checkpoints(ckpts)] == ["checkpoint_00000002.dcp"]
+    assert (ckpts / ".checkpoint_00000004.dcp.tmp").is_dir()
+    assert remove_stale_temp_files(ckpts) == [ckpts / ".checkpoint_00000004.dcp.tmp"]

@@ -39,7 +39,15 @@ import torch
 from torch import nn
 
 from meddino.errors import CheckpointError, first_line
-from meddino.models.checkpoints.dcp import FORMAT, MARKER, STATE_FILE, check_sharded_checkpoint, safe_reader
+from meddino.models.checkpoints.dcp import (
+    FORMAT,
+    MARKER,
+    STATE_FILE,
+    check_sharded_checkpoint,
+    dcp_errors,
+    failure_reason,
+    safe_reader,
+)
 from meddino.pretrain.checkpoint import Resumed, prune, rng_state
 from meddino.pretrain.distributed import all_gather_object, broadcast_object
 from meddino.runlog import atomic_path, write_json
@@ -126,8 +134,8 @@ def save_sharded(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the single-process notice of a run without a process group
                 dcp.save(state, checkpoint_id=str(tmp))
-        except Exception as exc:  # noqa: BLE001 - DCP gathers every rank's failure into one exception
-            error = first_line(exc, 160)
+        except dcp_errors() as exc:  # every rank gets every rank's failure
+            error = failure_reason(exc)
     if is_main and not error:
         try:
             with atomic_path(tmp / STATE_FILE) as f:
@@ -210,8 +218,8 @@ def restore_sharded(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the single-process notice of a run without a process group
             dcp.load(state, storage_reader=safe_reader(path))
-    except Exception as exc:  # noqa: BLE001 - DCP gathers every rank's failure into one exception
-        raise CheckpointError(f"resume: cannot read {path} ({first_line(exc, 160)})") from None
+    except dcp_errors() as exc:
+        raise CheckpointError(f"resume: cannot read {path} ({failure_reason(exc)})") from None
     with torch.no_grad():
         set_model_state_dict(student, state["student"], options=StateDictOptions(strict=False))
         set_model_state_dict(objective.teacher, state["teacher"], options=StateDictOptions(strict=False))

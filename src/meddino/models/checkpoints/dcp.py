@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from meddino.errors import CheckpointError, first_line
+from meddino.models.checkpoints.read import _torch_reason
 
 MARKER = "meddino_checkpoint.json"
 FORMAT = "meddino.pretrain.dcp"
@@ -64,6 +65,25 @@ def safe_reader(path: Path) -> Any:
             return metadata
 
     return _Reader(str(path))
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for a DCP failure: DCP gathers the ranks' exceptions into a ``CheckpointException`` (a
+    ``BaseException``) whose text is their tracebacks; name the first rank and its own reason."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (inner, _) = sorted(failures.items(), key=lambda item: item[0])[0]
+        return f"rank {rank}: {failure_reason(inner)}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return _torch_reason(exc)[:160]  # torch.load's own reason for a shard, without its weights_only preamble
+
+
+def dcp_errors() -> tuple[type[BaseException], ...]:
+    """What a DCP save or load raises when a rank fails: any exception, or DCP's ``CheckpointException``."""
+    from torch.distributed.checkpoint.api import CheckpointException  # why: DCP only when used
+
+    return (Exception, CheckpointException)
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -142,6 +162,6 @@ def read_tensors(path: Path, section: str, prefix: str = "") -> dict[str, torch.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load({section: template}, storage_reader=safe_reader(path), no_dist=True)
-    except Exception as exc:  # noqa: BLE001 - DCP wraps a rank's read failure in its own exception
-        raise CheckpointError(f"{path}: cannot read the sharded checkpoint ({first_line(exc)})") from None
+    except dcp_errors() as exc:
+        raise CheckpointError(f"{path}: cannot read the sharded checkpoint ({failure_reason(exc)})") from None
     return template
