@@ -207,3 +207,20 @@ def test_a_failed_sharded_write_is_one_line_and_keeps_the_previous_checkpoint(im
     assert [p.name for _, p in list_checkpoints(ckpts)] == ["checkpoint_00000002.dcp"]
     assert (ckpts / ".checkpoint_00000004.dcp.tmp").is_dir()
     assert remove_stale_temp_files(ckpts) == [ckpts / ".checkpoint_00000004.dcp.tmp"]
+
+
+def test_a_run_of_full_checkpoints_continues_in_the_sharded_format(images, tmp_path):
+    """train.checkpoint_format=auto became sharded under FSDP2: a run that wrote .pt checkpoints resumes from
+    them (resume=auto takes the newest of either format) and goes on writing folders, exactly."""
+    from meddino.pretrain.checkpoint import load_checkpoint
+
+    common = ["train.iterations=8", "train.checkpoint_every=4", "data.num_workers=0"]
+    straight, mixed = tmp_path / "straight", tmp_path / "mixed"
+    run_pretrain(config("dinov1_tiny", images, straight, *common))
+    run_pretrain(config("dinov1_tiny", images, mixed, *common, "train.stop_at=4"))
+    run_pretrain(config("dinov1_tiny", images, mixed, *common, "resume=auto", "train.checkpoint_format=sharded"))
+    assert [p.name for _, p in list_checkpoints(mixed / "checkpoints")] == ["checkpoint_00000004.pt",
+                                                                          "checkpoint_00000008.dcp"]
+    a = load_checkpoint(straight / "checkpoints" / "checkpoint_00000008.pt")
+    b = read_tensors(mixed / "checkpoints" / "checkpoint_00000008.dcp", "teacher")
+    assert b.keys() == a["teacher"].keys() and all(torch.equal(a["teacher"][k], b[k]) for k in b)
