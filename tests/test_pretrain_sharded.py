@@ -137,7 +137,8 @@ def _damage(folder: Path, how: str, tmp_path: Path) -> None:
         (folder / ".metadata").write_bytes(pickle.dumps(_Payload(str(tmp_path / "ran"))))
 
 
-@pytest.mark.parametrize("how", ["no marker", "truncated shard", "garbled shard", "missing shard", "code in the metadata"])
+@pytest.mark.parametrize("how", ["no marker", "truncated shard", "garbled shard", "missing shard",
+                                 "code in the metadata"])
 def test_an_incomplete_or_damaged_sharded_checkpoint_is_one_line(how, run, tmp_path, capsys):
     says = {
         "no marker": "incomplete sharded checkpoint (no meddino_checkpoint.json: its write was interrupted)",
@@ -161,7 +162,8 @@ def test_resume_from_a_damaged_or_foreign_sharded_checkpoint_is_refused(run, ima
     shutil.copytree(run / "checkpoints" / "checkpoint_00000006.dcp", folder)
     common = ["train.iterations=8", f"resume={folder}", *SHARDED]
     # another head width: the checkpoint's tensors do not fit (named, no silent partial load)
-    with pytest.raises(CheckpointError, match=re.escape("does not match this config (other shape or dtype ['student.dino_head")):
+    wrong = re.escape("does not match this config (other shape or dtype ['student.dino_head")
+    with pytest.raises(CheckpointError, match=wrong):
         run_pretrain(config("dinov1_tiny", images, tmp_path / "wide", *common, "model.head.out_dim=128"))
     with pytest.raises(CheckpointError, match="was written by a v1 run, not v2"):
         run_pretrain(config("dinov2_tiny", images, tmp_path / "v2", *common))

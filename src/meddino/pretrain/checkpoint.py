@@ -128,7 +128,8 @@ def remove_stale_temp_files(*folders: Path) -> list[Path]:
             if _TEMP.match(p.name) and p.is_file():
                 p.unlink(missing_ok=True)
                 removed.append(p)
-            elif p.is_dir() and (_SHARDED_TEMP.match(p.name) or (_SHARDED.match(p.name) and not (p / MARKER).is_file())):
+            elif p.is_dir() and (_SHARDED_TEMP.match(p.name)
+                                 or (_SHARDED.match(p.name) and not (p / MARKER).is_file())):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
