@@ -48,7 +48,7 @@ from meddino.models.checkpoints.dcp import (
     failure_reason,
     safe_reader,
 )
-from meddino.pretrain.checkpoint import Resumed, prune, rng_state
+from meddino.pretrain.checkpoint import Resumed, latest_checkpoint, prune, rng_state
 from meddino.pretrain.distributed import all_gather_object, broadcast_object
 from meddino.runlog import atomic_path, write_json
 
@@ -113,8 +113,6 @@ def save_sharded(
     """Write checkpoint ``iteration`` as a DCP folder (see module docstring): a collective, every rank calls
     it; a failed write on any rank is one line on every rank naming the previous checkpoint."""
     import torch.distributed.checkpoint as dcp  # why: DCP only when writing one
-
-    from meddino.pretrain.checkpoint import latest_checkpoint  # why: the refusal names the previous one
 
     folder = Path(folder)
     final, tmp = sharded_path(folder, iteration), temp_path(folder, iteration)
