@@ -99,3 +99,33 @@ def test_a_new_run_in_an_earlier_runs_folder_starts_its_metrics_empty(tmp_path):
     run_pretrain(config("dinov1_tiny", images, pre, "train.iterations=2", "train.log_every=1", "resume=auto"))
     rows = [r for r in read_metrics(pre) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] < 90 for r in rows)
+
+
+def test_a_pretraining_run_that_crashed_after_a_checkpoint_continues_with_resume_auto(tmp_path, monkeypatch):
+    """A first attempt that fails after writing (here an exception at iteration 3, as when a torchrun
+    worker is lost) keeps its marker: the folder is an unfinished attempt that ``resume=auto`` continues
+    (torchrun's --max-restarts reruns exactly that command); before, the failure removed the marker and
+    the restart was refused as a folder of the user's own files."""
+    from meddino.cli import main
+    from meddino.pretrain import engine
+    from test_pretrain_engine import make_images
+
+    data = make_images(tmp_path / "imgs", n=8)
+    out = tmp_path / "run"
+    args = ["pretrain", "--config", "dinov1_tiny", f"data.path={data}", "data.batch_size=4", "train.iterations=4",
+            "train.checkpoint_every=2", "data.num_workers=0", f"out={out}", "resume=auto"]
+    step = engine.Trainer.train_step
+
+    def crash(self, it, batch):
+        if it == 3:
+            raise RuntimeError("a worker went away")
+        return step(self, it, batch)
+
+    monkeypatch.setattr(engine.Trainer, "train_step", crash)
+    with pytest.raises(RuntimeError, match="a worker went away"):
+        main(args)
+    assert json.loads((out / RUN_MARKER).read_text()) == {"verb": "pretrain", "complete": False, "recipe": "dinov1_tiny"}
+    monkeypatch.setattr(engine.Trainer, "train_step", step)
+    assert main(args) == 0
+    assert json.loads((out / RUN_MARKER).read_text())["complete"] is True
+    assert (out / "teacher_backbone.safetensors").is_file()

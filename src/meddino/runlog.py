@@ -163,14 +163,18 @@ def drop_earlier_metrics(path: str | Path) -> None:
 
 
 def release_run_folder(path: str | Path) -> None:
-    """Undo a claim whose run wrote nothing: the marker goes, and the folder too when that leaves it empty."""
+    """Undo a claim whose run wrote nothing: when the marker is all the folder holds, it goes with the
+    folder. A run that failed after writing (a crash after its first checkpoint, a torchrun worker lost)
+    keeps its marker: the folder is an unfinished attempt of the verb, which a retry (pretraining: with
+    ``resume=auto``, as torchrun's ``--max-restarts`` runs it again) may continue."""
     folder = Path(path).expanduser()
     if not _is_main_process():
         return
     with contextlib.suppress(OSError):
+        if any(p.name != RUN_MARKER for p in folder.iterdir()):
+            return
         (folder / RUN_MARKER).unlink(missing_ok=True)
-        if not any(folder.iterdir()):
-            folder.rmdir()
+        folder.rmdir()
 
 
 def _run_owner(folder: Path) -> tuple[str | None, bool]:

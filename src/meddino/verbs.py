@@ -163,7 +163,7 @@ def _run_claimed(verb: Verb, cfg: Any, force: bool, recipe: str | None) -> int:
     try:
         code = int(load_attr(verb.run)(cfg) or 0)
     except BaseException:
-        if fresh:  # refused before it wrote anything: leave no folder behind, only the one line
+        if fresh:  # refused before it wrote anything: leave no folder behind (one that wrote stays an attempt)
             release_run_folder(path)
         raise
     if code == 0:
