@@ -190,6 +190,7 @@ def test_the_slurm_example_is_valid_bash_and_runs_meddino_pretrain():
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
     assert text.startswith("#!/bin/bash\n") and "#SBATCH --nodes=" in text and "#SBATCH --ntasks-per-node=1" in text
     assert "scontrol show hostnames" in text and "srun" in text and "--rdzv-backend=c10d" in text
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text
     assert "-m meddino pretrain" in text and "resume=auto" in text and "--max-restarts" in text
     from meddino.cli import build_parser
 
