@@ -15,6 +15,7 @@ if [ "$device" = "cpu" ]; then
     run pretrain_throughput --batch 4 --steps 3
     run data_index --rows 1000000 --epoch 100000 --workers 8 --folder 50000
     run step_profile --batch 4 --steps 3
+    run sharded_checkpoint --recipe dinov2_vits14 --repeats 2
 else
     run device_crops --device cuda --n 256 --batch 64 --repeats 3
     run linear_grid --device cuda
