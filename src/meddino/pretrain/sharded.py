@@ -218,11 +218,20 @@ def restore_sharded(
             dcp.load(state, storage_reader=safe_reader(path))
     except dcp_errors() as exc:
         raise CheckpointError(f"resume: cannot read {path} ({failure_reason(exc)})") from None
+    # the tensors were loaded in place (the state dicts hold the modules' own parameters and shards); the
+    # set_* calls below also cover what a state dict holds as a copy. strict=False only because the alias
+    # names of the shared head are left out (model_state); any other key missing or extra is refused
+    modules = [("student", student), ("teacher", objective.teacher)]
+    if objective.gram_teacher is not None:
+        modules.append(("gram_teacher", objective.gram_teacher))
     with torch.no_grad():
-        set_model_state_dict(student, state["student"], options=StateDictOptions(strict=False))
-        set_model_state_dict(objective.teacher, state["teacher"], options=StateDictOptions(strict=False))
-        if objective.gram_teacher is not None:
-            set_model_state_dict(objective.gram_teacher, state["gram_teacher"], options=StateDictOptions(strict=False))
+        for name, module in modules:
+            result = set_model_state_dict(module, state[name], options=StateDictOptions(strict=False))
+            canonical = set(state[name])
+            missing = [k for k in result.missing_keys if k in canonical]
+            if missing or result.unexpected_keys:
+                raise CheckpointError(f"resume: {path} ({name}) does not match the model (missing {missing[:2]}, "
+                                      f"unexpected {list(result.unexpected_keys)[:2]})")
     groups = get_optimizer_state_dict(student, optimizer)["param_groups"]
     set_optimizer_state_dict(student, optimizer, {"state": state["optimizer"]["state"], "param_groups": groups},
                              options=StateDictOptions(strict=False))
