@@ -22,7 +22,9 @@ decay are 0, the weight decay ramps with the lr, and the constant lr is batch-sc
 ``mode=requires_grad``: no gradient, no moment, weight decay as scheduled, the constant lr as given.
 
 The schedules, optimiser groups and clipping are :mod:`meddino.pretrain.optim`; the checkpoint state and
-the resume are :mod:`meddino.pretrain.checkpoint`; this module orchestrates them.
+the resume are :mod:`meddino.pretrain.checkpoint` (one ``.pt``) and :mod:`meddino.pretrain.sharded` (a DCP
+folder each rank writes its shards into: ``train.checkpoint_format``, sharded by default under FSDP2); this
+module orchestrates them.
 """
 
 from __future__ import annotations
