@@ -68,7 +68,9 @@ idx = dx.open_index(sys.argv[1])
 fresh = dx.stale_reason(idx) is None
 src = PretrainSource.from_index(idx)
 took = time.perf_counter() - t
-print(json.dumps({"s": took, "fresh": fresh, "rss_after_torch_import_mb": torch_rss, "samples": len(src), "last": src.describe(len(src) - 1)["path"],
+rss = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")][0] / 1024
+print(json.dumps({"s": took, "fresh": fresh, "rss_after_torch_import_mb": torch_rss, "rss_mb": rss,
+                  "rss_added_by_index_mb": rss - torch_rss, "samples": len(src), "last": src.describe(len(src) - 1)["path"],
                   "peak_rss_mb": [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 1024}))
 """
 
@@ -114,7 +116,8 @@ def main() -> None:
     args = ap.parse_args()
     from meddino.profile.timing import machine_info
 
-    result: dict = {"benchmark": "data_index", "machine": machine_info(__import__("torch").device("cpu")), "rows": args.rows}
+    result: dict = {"benchmark": "data_index", "machine": machine_info(__import__("torch").device("cpu")), "rows": args.rows,
+                    "load_average_start": list(os.getloadavg())}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         csv, idx = Path(tmp) / "frames.csv", Path(tmp) / "frames.csv.mdidx"
         t = time.perf_counter()
@@ -132,6 +135,7 @@ def main() -> None:
             folder_idx = Path(tmp) / "folder.mdidx"
             result["folder"] = {"files": args.folder, "threads_1": _child(COLD, str(root), str(folder_idx), "1"),
                                 "threads_default": _child(COLD, str(root), str(folder_idx))}
+    result["load_average_end"] = list(os.getloadavg())
     print(json.dumps(result, indent=1))
 
 

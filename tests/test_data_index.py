@@ -102,6 +102,72 @@ def test_manifest_rows_patients_and_dropped_rows(tmp_path):
     assert index.header["key"]["type"] == "manifest"
 
 
+def _read(csv: Path, fast: bool) -> dict:
+    builder = dx._Builder()
+    dx._read_manifest(csv, builder, None, fast=fast)
+    blob = b"".join(builder.blobs)
+    ends = np.cumsum(np.concatenate(builder.lengths)) if builder.lengths else np.zeros(0, np.int64)
+    names = [blob[a:b].decode("utf-8", "surrogateescape") for a, b in zip(np.concatenate(([0], ends[:-1])), ends)]
+    inv = {v: k for k, v in builder.patient_ids.items()}
+    codes = np.concatenate(builder.patient_codes) if builder.patient_codes else np.zeros(0, np.int32)
+    return {"names": names, "cats": np.concatenate(builder.cats).tolist() if builder.cats else [],
+            "patients": [inv.get(int(c)) for c in codes], "ids": builder.patient_ids}
+
+
+_PLAIN = "".join(f"/d/v{i % 7}/f{i:04d}.{'png' if i % 5 else 'JPG'},{'P%d' % (i % 3) if i % 4 else ''}\n"
+                 for i in range(40))
+_AWKWARD = {
+    "crlf_bom": "\ufeffimage,patient\r\n" + _PLAIN.replace("\n", "\r\n"),
+    "quoted_comma_late": "image,patient\n" + _PLAIN + '"/d/a,b.png",P1\n"/d/q""x.png","P, 2"\n' + _PLAIN,
+    "quoted_newline": "image,patient\n" + _PLAIN + '"/d/two\nlines.png",P7\n' + _PLAIN,
+    "ragged_extra_columns": "site,image,patient,extra\nA,/d/a.png,P1,x\nB,/d/b.png\nC,/d/c.png,P2,y,z\n"
+                            + "".join(f"S,{row},e\n" for row in _PLAIN.splitlines()),
+    "unicode_long_patients": "image,patient\n" + _PLAIN + "/d/\u00e9t\u00e9.png,P\u00e9\n"
+                             + "".join(f"/d/l{i}.png,{'patient-' * (i % 12)}{i % 2}\n" for i in range(30)),
+    "no_trailing_newline_lone_cr": "image\n/d/a.png\n/d/b\rpng\n/d/c.png",
+    "single_column": "image\n" + "".join(f"/d/{i}.dcm\n" for i in range(20)) + "\n/d/last.png\n",
+    "long_suffix": "image\n/d/a." + "x" * 40 + "\n/d/b.png\n",
+}
+
+
+# rows the array path must hand to the csv module (or read exactly), each tried alone among plain rows
+_ODD_ROWS = ["./img/a.png,P1", "img//b.png,", "img/./c.png,P2", "img/d/,P3", "img/d/.,P3", " padded.png ,P4",
+             "padded.png\t,P4", ",P9", "", ".hidden.png,P5", "d/.hidden.png,P5", "d/.png,P5", "..png,P5", "noext,P6", "scan.000123,P6",
+             "v.nii.gz,P6", "V.NII.GZ,", "x.gz,P6", "clip.MP4,P6", "~/home.png,P6", "/d/a." + "x" * 40 + ",P1",
+             "/d/a.png,P1,extra", "/d/a.png", "/d/\u00e9.png,P1", "/d/a\rb.png,P1", "/d/a.png,P\x1f",
+             "/d/a.png," + "p" * 70, "/d/a.png,pat-long-9", "//d/a.png,P1", "/d/a.png,P//1"]
+_AWKWARD.update({f"odd_{i}": "image,patient\n" + _PLAIN + row + "\n" + _PLAIN for i, row in enumerate(_ODD_ROWS)})
+
+
+@pytest.mark.parametrize("case", sorted(_AWKWARD))
+def test_the_fast_manifest_reader_gives_what_the_csv_module_reader_gives(tmp_path, monkeypatch, case):
+    csv = tmp_path / "m.csv"
+    csv.write_bytes(_AWKWARD[case].encode("utf-8"))
+    monkeypatch.setattr(dx, "_BLOCK", 300)  # many blocks: the switch to the csv module happens mid-file
+    calls = []
+    real = dx._fast_block
+    monkeypatch.setattr(dx, "_fast_block", lambda *a: calls.append(real(*a)) or calls[-1])
+    fast, slow = _read(csv, True), _read(csv, False)
+    assert fast == slow
+    if not case.startswith(("no_trailing", "long_suffix")):
+        assert any(calls), "the array path never ran"
+
+
+def test_the_manifest_readers_agree_with_a_hand_reading():
+    """Independent of both readers: what the rows mean, written out by hand."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = Path(tmp) / "m.csv"
+        csv.write_bytes(b'\xef\xbb\xbfimage,patient\r\n/d/a.PNG,P1\r\n"/d/b,c.jpg",\r\n./d//e.dcm,P2\r\n'
+                        b" /d/f.nii.gz ,P1\r\n,P3\r\n")
+        for fast in (True, False):
+            got = _read(csv, fast)
+            assert got["names"] == ["/d/a.PNG", "/d/b,c.jpg", "d/e.dcm", "/d/f.nii.gz"]
+            assert got["patients"] == ["P1", None, "P2", "P1"] and got["ids"] == {"P1": 0, "P2": 1}
+            assert got["cats"] == [dx._CAT_IMAGE, dx._CAT_IMAGE, dx._CAT_DICOM, dx._CAT_VOLUME]
+
+
 def test_stale_indexes_say_why_and_a_vanished_source_is_refused(tmp_path):
     root = _tree(tmp_path / "data")
     mapped = dx.open_index(dx.write_index(dx.build_index(root, absolute=True), tmp_path / "i.mdidx"))

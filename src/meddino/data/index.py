@@ -20,8 +20,10 @@ faster than one after another) and returns the same sorted depth-first order as 
 from __future__ import annotations
 
 import csv
+import io as io_module
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -43,6 +45,7 @@ FORMAT = 1
 KIND_IMAGE, KIND_DICOM, KIND_FRAME, KIND_SLICE = 0, 1, 2, 3
 _ALIGN = 64
 _CHUNK = 65536
+_BLOCK = 1 << 22  # bytes of a manifest parsed at once by the fast reader
 # per-file categories found from the name alone; PROBE files are opened (extension-less DICOM candidates)
 _CAT_SKIP, _CAT_IMAGE, _CAT_DICOM, _CAT_VIDEO, _CAT_VOLUME, _CAT_PROBE = 0, 1, 2, 3, 4, 5
 
@@ -461,38 +464,200 @@ def _table(strings: list[str], base: str = "") -> StringTable:
     return StringTable(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets, base)
 
 
-def _read_manifest(csv_path: Path, builder: _Builder, bar: Any) -> None:
-    """Rows of column ``image`` (and ``patient``), streamed in chunks; empty names are skipped."""
+def _read_manifest(csv_path: Path, builder: _Builder, bar: Any, fast: bool = True) -> None:
+    """Rows of column ``image`` (and ``patient``); empty names are skipped, a UTF-8 BOM is ignored (as
+    the labelled manifests' reader does). ``fast``: plain blocks (ASCII, no quotes, every row its full
+    width, names needing no normalisation) are parsed with numpy byte operations; any other block goes
+    through the csv module (:func:`_manifest_rows`), and from the first quote on the rest of the file does,
+    since a quoted field may span lines. Both give the same index (tests/test_data_index.py checks it)."""
     try:
-        with open(csv_path, newline="") as fh:
-            reader = csv.reader(fh)
-            fieldnames = next(reader, None)
-            if not fieldnames or "image" not in fieldnames:
-                raise DataError(f"manifest {csv_path} needs a column 'image' (has: {fieldnames})")
-            col = fieldnames.index("image")
-            pcol = fieldnames.index("patient") if "patient" in fieldnames else None
-            width = len(fieldnames)
-            names: list[str] = []
-            patients: list[str | None] = []
-            for row in reader:
-                if len(row) < width:  # DictReader's rule: missing trailing fields are empty
-                    row = row + [""] * (width - len(row))
-                name = row[col].strip()
-                if not name:
-                    continue
-                names.append(_norm(name))
-                patients.append(row[pcol] or None if pcol is not None else None)
-                if len(names) == _CHUNK:
-                    builder.add(names, patients)
-                    if bar:
-                        bar.advance(len(names))
-                    names, patients = [], []
-            if names:
-                builder.add(names, patients)
+        if not fast:
+            with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+                reader = csv.reader(fh)
+                width, col, pcol = _manifest_columns(csv_path, next(reader, None))
+                _manifest_rows(reader, width, col, pcol, builder, bar)
+            return
+        with open(csv_path, "rb") as fh:
+            first = fh.readline()
+            offset = len(first)
+            if first.startswith(b"\xef\xbb\xbf"):
+                first = first[3:]
+            if b'"' in first or b"\r" in first.rstrip(b"\r\n"):  # an unusual header: the csv module alone
+                return _read_manifest(csv_path, builder, bar, fast=False)
+            header = next(csv.reader([first.decode("utf-8")]), None)
+            width, col, pcol = _manifest_columns(csv_path, header)
+            rest = b""
+            while True:
+                chunk = fh.read(_BLOCK)
+                buf = rest + chunk
+                if chunk:
+                    cut = buf.rfind(b"\n") + 1
+                    if cut == 0:
+                        rest = buf
+                        continue
+                    buf, rest = buf[:cut], buf[cut:]
+                elif not buf:
+                    break
+                if b'"' in buf:  # quoting from here on: the csv module reads the rest of the file
+                    fh.seek(offset)
+                    text = io_module.TextIOWrapper(fh, encoding="utf-8", newline="")
+                    _manifest_rows(csv.reader(text), width, col, pcol, builder, bar)
+                    text.detach()
+                    return
+                offset += len(buf)
+                before = builder.n
+                if not _fast_block(buf if buf.endswith(b"\n") else buf + b"\n", width, col, pcol, builder):
+                    _manifest_rows(csv.reader(io_module.StringIO(buf.decode("utf-8"), newline="")),
+                                   width, col, pcol, builder, None)
                 if bar:
-                    bar.advance(len(names))
+                    bar.advance(builder.n - before)
+                if not chunk:
+                    break
     except UnicodeDecodeError:
         raise DataError(f"manifest {csv_path} is not a text CSV file") from None
+
+
+def _manifest_columns(csv_path: Path, fieldnames: list[str] | None) -> tuple[int, int, int | None]:
+    if not fieldnames or "image" not in fieldnames:
+        raise DataError(f"manifest {csv_path} needs a column 'image' (has: {fieldnames})")
+    return len(fieldnames), fieldnames.index("image"), (fieldnames.index("patient") if "patient" in fieldnames else None)
+
+
+def _manifest_rows(reader: Iterable[list[str]], width: int, col: int, pcol: int | None, builder: _Builder,
+                   bar: Any) -> None:
+    """The csv module's rows, one Python string each: the reference reader, and every unusual block's."""
+    names: list[str] = []
+    patients: list[str | None] = []
+    for row in reader:
+        if len(row) < width:  # DictReader's rule: missing trailing fields are empty
+            row = row + [""] * (width - len(row))
+        name = row[col].strip()
+        if not name:
+            continue
+        names.append(_norm(name))
+        patients.append(row[pcol] or None if pcol is not None else None)
+        if len(names) == _CHUNK:
+            builder.add(names, patients)
+            if bar:
+                bar.advance(len(names))
+            names, patients = [], []
+    if names:
+        builder.add(names, patients)
+        if bar:
+            bar.advance(len(names))
+
+
+def _field_keys(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, Callable[[Any], bytes]]:
+    """Fields ``a[starts[i]:ends[i]]`` (none holding a NUL) as one sortable array (8 bytes or less: one
+    integer each; else fixed-width bytes), and how to turn one of its values back into the field's bytes."""
+    width = max(int((ends - starts).max()) if len(starts) else 0, 1)
+    width = 8 if width <= 8 else width
+    pos = starts[:, None] + np.arange(width)
+    grid = np.where(pos < ends[:, None], a[np.minimum(pos, len(a) - 1)], 0).astype(np.uint8)
+    if width == 8:
+        return np.ascontiguousarray(grid).view("<u8").ravel(), lambda v: int(v).to_bytes(8, "little").rstrip(b"\0")
+    return np.ascontiguousarray(grid).view(f"S{width}").ravel(), bytes
+
+
+def _last_before(positions: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """For each ``end``, the last of the sorted ``positions`` before it (-1: none)."""
+    i = np.searchsorted(positions, ends) - 1
+    return np.where(i >= 0, positions[np.maximum(i, 0)] if len(positions) else -1, -1)
+
+
+def _fast_block(block: bytes, width: int, col: int, pcol: int | None, builder: _Builder) -> bool:
+    """Add the rows of ``block`` (whole lines, ending in newline) with array operations and say True, or
+    say False and add nothing when the block has anything the csv module treats specially or a name
+    :func:`_norm` would change, a hidden file name or a suffix over 32 bytes."""
+    if not block.isascii() or (b"\r" in block and block.count(b"\r") != block.count(b"\r\n")):
+        return False
+    a = np.frombuffer(block, dtype=np.uint8)
+    nl = np.flatnonzero(a == 10)
+    if np.count_nonzero(a < 32) != len(nl) + block.count(b"\r"):  # another control byte
+        return False
+    line_start = np.concatenate(([0], nl[:-1] + 1))
+    line_end = nl - ((a[np.maximum(nl - 1, 0)] == 13) & (nl > line_start))
+    commas = np.flatnonzero(a == 44)
+    if width > 1:
+        per_line = np.diff(np.concatenate(([0], np.searchsorted(commas, nl))))
+        if np.any(per_line != width - 1):
+            return False
+        grid = commas.reshape(-1, width - 1)
+    elif len(commas):
+        return False
+    else:
+        grid = np.zeros((len(nl), 0), np.int64)
+
+    def field(k: int) -> tuple[np.ndarray, np.ndarray]:
+        return (line_start if k == 0 else grid[:, k - 1] + 1), (line_end if k == width - 1 else grid[:, k])
+
+    s, e = field(col)
+    keep = e > s
+    s, e = s[keep], e[keep]
+    n = len(s)
+    if n == 0:
+        return True
+    if np.any((a[s] == 32) | (a[e - 1] == 32) | (a[s] == 126) | (a[e - 1] == 47)):  # strip, ~, trailing /
+        return False
+    two = (e - s) >= 2
+    if np.any(two & (((a[s] == 46) & (a[np.minimum(s + 1, len(a) - 1)] == 47))
+                     | ((a[e - 1] == 46) & (a[e - 2] == 47)))):  # ./x, x/.
+        return False
+    for pattern in (b"//", b"/./"):  # anywhere inside a name
+        if pattern not in block:
+            continue
+        at = np.asarray([m.start() for m in re.finditer(re.escape(pattern), block)])
+        row = np.minimum(np.searchsorted(e, at), n - 1)  # the first name ending at or after the hit
+        if np.any((s[row] <= at) & (at + len(pattern) <= e[row])):
+            return False
+    last_slash = _last_before(np.flatnonzero(a == 47), e)
+    last_dot = _last_before(np.flatnonzero(a == 46), e)
+    base = np.maximum(last_slash + 1, s)
+    if np.any(a[base] == 46):  # a hidden name: os.path.splitext skips its leading dots
+        return False
+    ext_start = np.where(last_dot >= base, last_dot, e)
+    if np.any(e - ext_start > 32):  # (exact either way; bounds the key grid of one block)
+        return False
+    keys, to_bytes = _field_keys(a, ext_start, e)
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    inverse = inverse.ravel()
+    exts = [to_bytes(k).decode("ascii").lower() for k in uniq.tolist()]
+    cats = np.array([_category("x" + x) for x in exts], dtype=np.uint8)[inverse]
+    for j, x in enumerate(exts):
+        if x == ".gz":  # .nii.gz: the whole name decides
+            for r in np.flatnonzero(inverse == j).tolist():
+                cats[r] = _category(block[int(s[r]):int(e[r])].decode("ascii"))
+    lengths = (e - s).astype(np.int64)
+    total = int(lengths.sum())
+    shift = np.repeat(s - (np.cumsum(lengths) - lengths), lengths)
+    blob = a[shift + np.arange(total)].tobytes()
+    if pcol is None:
+        codes = np.full(n, -1, dtype=np.int32)
+    else:
+        ps, pe = (f[keep] for f in field(pcol))
+        longest = int((pe - ps).max())
+        codes = np.full(n, -1, dtype=np.int32)
+        ids = builder.patient_ids
+        if longest <= 64:
+            pkeys, to_bytes = _field_keys(a, ps, pe)
+            uniq, first, inverse = np.unique(pkeys, return_index=True, return_inverse=True)
+            code_of = np.full(len(uniq), -1, dtype=np.int32)
+            values = uniq.tolist()
+            for j in np.argsort(first, kind="stable").tolist():
+                key = to_bytes(values[j])
+                if key:
+                    code_of[j] = ids.setdefault(key.decode("ascii"), len(ids))
+            codes = code_of[inverse.ravel()]
+        else:
+            for r, (x, y) in enumerate(zip(ps.tolist(), pe.tolist())):
+                if y > x:
+                    codes[r] = ids.setdefault(block[x:y].decode("ascii"), len(ids))
+    builder.blobs.append(blob)
+    builder.lengths.append(lengths)
+    builder.cats.append(cats)
+    builder.patient_codes.append(codes)
+    builder.n += n
+    return True
 
 
 def _bar(progress: bool) -> Any:
