@@ -13,7 +13,7 @@ if [ "$device" = "cpu" ]; then
     run seg_inference --size 224 --iters 20 --baselines
     run phase_online --frames 50 --warmup 5
     run pretrain_throughput --batch 4 --steps 3
-    run data_index --rows 1000000 --epoch 100000 --workers 8 --folder 50000
+    run data_index --rows 4700000 --epoch 200000 --workers 8 --folder 200000
     run step_profile --batch 4 --steps 3
     run sharded_checkpoint --recipe dinov2_vits14 --repeats 2
 else
@@ -22,4 +22,5 @@ else
     run seg_inference --device cuda --size 224 --iters 100 --baselines
     run phase_online --device cuda --frames 200
     run pretrain_throughput --device cuda
+    echo "== gpu_suite" >&2; bash benchmarks/gpu_suite.sh > "$out/gpu_suite_cuda.json"
 fi
