@@ -35,8 +35,9 @@ def batches(cfg: PretrainConfig, n: int, b: int = 4) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- fused AdamW
-@pytest.mark.parametrize("device, fused", [("cpu", None), ("cuda", True)])
-def test_optimizer_is_fused_on_cuda_only(monkeypatch, device, fused):
+@pytest.mark.parametrize("device, fsdp, fused", [("cpu", False, True), ("cpu", True, None), ("cuda", False, True),
+                                              ("cuda", True, True)])
+def test_optimizer_is_fused_but_not_for_cpu_fsdp(monkeypatch, device, fsdp, fused):
     from meddino.models import resolve_backbone
     from meddino.pretrain import optim
     from meddino.pretrain.method import build_student
@@ -49,10 +50,45 @@ def test_optimizer_is_fused_on_cuda_only(monkeypatch, device, fused):
             super().__init__(params, **{**kwargs, "fused": None})  # the CPU test machine has no CUDA
 
     monkeypatch.setattr(optim.torch.optim, "AdamW", Recorder)
-    cfg = load_config(PretrainConfig, "dinov2_tiny", ["out=unused"], "pretrain")
+    cfg = load_config(PretrainConfig, "dinov2_tiny", ["out=unused", f"train.fsdp={str(fsdp).lower()}"], "pretrain")
     student = build_student(cfg, resolve_backbone("random:dinov2_tiny", img_size=32))
     optim.build_optimizer(cfg, student.backbone, torch.nn.ModuleDict(student.heads()), torch.device(device))
     assert asked["fused"] is fused
+
+
+def test_fused_cpu_adamw_and_one_pass_clipping_keep_the_losses(monkeypatch):
+    """DINOv3 (iBOT head, KoLeo, Sinkhorn-Knopp, RoPE): 5 full steps with the fused CPU AdamW and the
+    one-pass global clipping give the per-tensor AdamW + clip_grad_norm_ losses within 1e-6."""
+    from meddino import ssl
+    from meddino.pretrain import optim
+
+    fast = trainer("dinov3_tiny")
+    assert all(g.get("fused") for g in fast.optimizer.param_groups)
+
+    class Loop(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **{**kwargs, "fused": None, "foreach": False})
+
+    def reference_clip(module, max_norm, per_parameter):
+        params = [p for p in module.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    monkeypatch.setattr(optim.torch.optim, "AdamW", Loop)
+    slow = trainer("dinov3_tiny")
+    assert not any(g.get("fused") for g in slow.optimizer.param_groups)
+    slow.student.load_state_dict(fast.student.state_dict())
+    slow.objective.teacher.load_state_dict(fast.objective.teacher.state_dict())
+    for i, batch in enumerate(batches(fast.cfg, 5)):
+        rng = torch.get_rng_state()
+        a = fast.train_step(i, batch)
+        torch.set_rng_state(rng)
+        with monkeypatch.context() as m:
+            m.setattr(ssl, "clip_gradients", reference_clip)
+            b = slow.train_step(i, batch)
+        assert {"loss", "dino", "ibot", "koleo"} <= a.keys()
+        for key in ("loss", "dino", "ibot", "koleo"):
+            assert abs(float(a[key]) - float(b[key])) < 1e-6, (i, key, float(a[key]), float(b[key]))
+    assert max((p - q).abs().max().item() for p, q in zip(fast.student.parameters(), slow.student.parameters())) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------- teacher path

@@ -284,6 +284,23 @@ def test_clip_gradients_per_parameter_vs_global():
     np.testing.assert_allclose(m.a.grad.numpy(), [3, 4, 0])
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])  # clipped, and below the threshold
+def test_global_clipping_equals_torch_clip_grad_norm_bit_for_bit(max_norm):
+    """The fp32 path takes the norm once; torch.nn.utils.clip_grad_norm_ is the reference."""
+    torch.manual_seed(0)
+    mods = [torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8)) for _ in range(2)]
+    mods[1].load_state_dict(mods[0].state_dict())
+    x = torch.randn(4, 16)
+    for m in mods:
+        m(x).pow(2).sum().backward()
+    total = clip_gradients(mods[0], max_norm, per_parameter=False)
+    ref = torch.nn.utils.clip_grad_norm_(mods[1].parameters(), max_norm)
+    assert torch.equal(total, ref)
+    for a, b in zip(mods[0].parameters(), mods[1].parameters()):
+        assert torch.equal(a.grad, b.grad)
+    assert (float(total) > max_norm) == (max_norm == 0.5)
+
+
 def test_cancel_last_layer_gradients():
     h = DINOHead(8, 10, hidden_dim=16, bottleneck_dim=4, weight_norm_last_layer=False)
     h(torch.randn(3, 8)).sum().backward()

@@ -105,6 +105,25 @@ def test_sinkhorn_matches_numpy_loop_and_marginals():
     np.testing.assert_allclose(converged.sum(dim=1).numpy(), np.ones(6), atol=1e-12)
 
 
+def test_sinkhorn_works_in_place_on_its_own_buffer_only():
+    """Its exp runs in place (one [N, K] buffer, not three): the same values as the out-of-place
+    exp(t / tau - shift), with and without the overflow shift, and the caller's logits untouched."""
+    g = torch.Generator().manual_seed(3)
+    for offset, tau in ((0.0, 0.04), (65.0, 1.0)):  # 65: max(t) / tau > 60, the shift applies
+        t = torch.randn(7, 50, generator=g) * 0.3 + offset
+        before = t.clone()
+        out = sinkhorn_knopp(t, tau, n_iterations=3)
+        assert torch.equal(t, before)
+        shift = (t.max() / tau - 60.0).clamp(min=0.0)
+        assert (float(shift) > 0) == (offset > 0)
+        q = torch.exp(t / tau - shift)
+        q = q / q.sum()
+        for _ in range(3):
+            q = q / (q.sum(dim=0, keepdim=True) * 50)
+            q = q / (q.sum(dim=1, keepdim=True) * 7)
+        torch.testing.assert_close(out, q * 7, rtol=1e-6, atol=0)
+
+
 def test_sinkhorn_fp32_and_bf16_inputs_compute_in_fp32():
     g = torch.Generator().manual_seed(3)
     t = torch.randn(5, 4, generator=g)

@@ -80,7 +80,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     # Kept in the logits' [N, K] layout (the original's Q is its transpose) and divided in place: the
     # original's reductions over the transposed view read [N, 65536] with a stride of 65536 floats, which
     # made this function take ~5x the teacher head's matmul for DINOv3's masked patches on CPU.
-    q = torch.exp(t / teacher_temp - shift)  # [N, K]
+    q = t / teacher_temp  # [N, K]; then in place: the same values without two more [N, K] buffers
+    q.sub_(shift).exp_()
     b = all_reduce_sum(torch.tensor(float(n_local), dtype=t.dtype, device=t.device))
     q.div_(all_reduce_sum(q.sum()))
     for _ in range(n_iterations):

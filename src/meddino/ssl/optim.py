@@ -132,6 +132,11 @@ def clip_gradients(
             coef = max_norm / (n + 1e-6)
             g.mul_(torch.clamp(coef, max=1.0).to(g.dtype))
         return total
+    if all(type(g) is torch.Tensor and g.dtype == torch.float32 for g in grads):
+        # clip_grad_norm_'s second half on the norm already taken (the same total: fp32 norms of norms),
+        # instead of its second pass over every gradient
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
