@@ -202,10 +202,18 @@ def run_pretrain(args: argparse.Namespace, device: torch.device, tmp: Path, peak
         except OutOfTime:
             out[key] = {"interrupted": "the suite's time budget ran out during this unit"}
             raise
+        except Exception as exc:  # one unit's failure is reported, the suite goes on (--smoke: raised)
+            if args.smoke:
+                raise
+            out[key] = {"error": _one_line(exc)}
         finally:
             del tr
             _free(device)
     return out, mem
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -275,7 +283,14 @@ def run_data(args: argparse.Namespace, tmp: Path, budget: Budget) -> dict[str, A
         if not budget.fits(seconds + 15):
             res[label] = {"skipped": "data-loader time budget"}
             continue
-        res[label] = loader_rate(recipe, extra, frames, workers, batch, seconds, 3 if args.smoke else 10**6, tmp)
+        try:
+            res[label] = loader_rate(recipe, extra, frames, workers, batch, seconds, 3 if args.smoke else 10**6, tmp)
+        except OutOfTime:
+            raise
+        except Exception as exc:
+            if args.smoke:
+                raise
+            res[label] = {"error": _one_line(exc)}
     return res
 
 
@@ -297,12 +312,19 @@ def run_seg(args: argparse.Namespace, device: torch.device, budget: Budget) -> d
             res["heads"][name] = {"skipped": "seg time budget"}
             continue
         torch.manual_seed(0)
-        model = build(head, bb or backbone, 9, 13)
-        times = time_model(model, size, device, warmup, iters)
-        med = float(np.median(times))
-        res["heads"][name] = {"latency_ms_median": med, "latency_ms_p95": float(np.percentile(times, 95)),
-                              "fps": 1000.0 / med, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
-        del model
+        try:
+            model = build(head, bb or backbone, 9, 13)
+            times = time_model(model, size, device, warmup, iters)
+            med = float(np.median(times))
+            res["heads"][name] = {"latency_ms_median": med, "latency_ms_p95": float(np.percentile(times, 95)),
+                                  "fps": 1000.0 / med, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+            del model
+        except OutOfTime:
+            raise
+        except Exception as exc:
+            if args.smoke:
+                raise
+            res["heads"][name] = {"error": _one_line(exc)}
         _free(device)
     return res
 

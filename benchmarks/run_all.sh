@@ -14,7 +14,7 @@ if [ "$device" = "cpu" ]; then
     run phase_online --frames 50 --warmup 5
     run pretrain_throughput --batch 4 --steps 3
     run data_index --rows 4700000 --epoch 200000 --workers 8 --folder 200000
-    run step_profile --batch 4 --steps 3
+    run step_profile --batch 4 --steps 5 --before
     run sharded_checkpoint --recipe dinov2_vits14 --repeats 2
 else
     run device_crops --device cuda --n 256 --batch 64 --repeats 3
