@@ -11,9 +11,10 @@ alarm at the whole suite's budget interrupts a unit that overruns, so the JSON i
 - ``max_batch``: the largest per-GPU batch that trains one step, doubling from the timed batch until
   ``torch.cuda.OutOfMemoryError`` (caught, cache emptied), the limit or its time (3 % of the budget each).
 - ``data_loader``: images/s of the pretraining DataLoader (the engine's ``CropDataset`` /
-  ``StepBatchSampler`` / ``make_loader``) over synthetic 854 x 480 JPEG frames, CPU decoding and
-  ``data.decode=gpu`` (reported ``unavailable`` with the config's one-line refusal where the key does
-  not exist).
+  ``StepBatchSampler`` / ``make_loader``) over synthetic 854 x 480 JPEG frames: decoded and cropped by the
+  CPU workers (``crops.device=loader``), and decoded and cropped on the GPU (``crops.device=cuda``: the
+  workers read bytes, ``DeviceCrops`` decodes the batch with nvJPEG and renders the views; timed to the
+  rendered batch, synchronised). ``--smoke`` runs the device path on CPU tensors (``crops.device=cpu``).
 - ``seg_latency``: batch-1 latency of every segmentation head as in ``seg_inference.py`` at seed 000's
   efficiency-table settings (ViT-S/14 reg4 at 336 px, 9 classes, EoMT with 13 queries, MONAI U-Net and
   ResNet-18 U-Net baselines), bf16 autocast.
@@ -232,17 +233,37 @@ def loader_rate(recipe: str, overrides: list[str], frames: Path, workers: int, b
     """Images/s of the engine's loader pieces over ``frames`` (first batch excluded: worker start-up)."""
     from meddino.config import load_config
     from meddino.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # what the ViT backbones normalise with
+    from meddino.data.device_crops import DeviceCrops
     from meddino.pretrain.config import PretrainConfig
-    from meddino.pretrain.data import CropDataset, StepBatchSampler, build_augmentation, build_source, make_loader
+    from meddino.pretrain.data import (
+        CropDataset,
+        StepBatchSampler,
+        build_augmentation,
+        build_source,
+        device_batch,
+        make_loader,
+    )
 
     out = Path(tempfile.mkdtemp(dir=tmp))
     cfg = load_config(PretrainConfig, recipe, [*overrides, f"data.path={frames}", f"out={out}",
                                                 f"data.num_workers={workers}", f"data.batch_size={batch}"], "pretrain")
     source = build_source(cfg, out=out)
     sampler = StepBatchSampler(len(source), batch, 0, 1, 0, 0, 10**6)
-    loader = make_loader(CropDataset(source, build_augmentation(cfg, IMAGENET_MEAN, IMAGENET_STD), 0), sampler,
-                         workers, pin_memory=torch.cuda.is_available())
-    it = iter(loader)
+    augment = build_augmentation(cfg, IMAGENET_MEAN, IMAGENET_STD)
+    on_device = cfg.crops.device != "loader"
+    crops = DeviceCrops(augment, cfg.crops.device) if on_device else None
+    loader = make_loader(CropDataset(source, augment, 0, encoded=on_device), sampler, workers,
+                         pin_memory=torch.cuda.is_available())
+
+    def batches():  # the training step's view of a batch: rendered on its device, finished
+        for b in loader:
+            if crops is not None:
+                b = device_batch(b, crops)
+                if cfg.crops.device == "cuda":
+                    torch.cuda.synchronize()
+            yield b
+
+    it = batches()
     next(it)
     n, t0 = 0, time.perf_counter()
     for i, b in enumerate(it):
@@ -253,12 +274,10 @@ def loader_rate(recipe: str, overrides: list[str], frames: Path, workers: int, b
     del it, loader
     return {"images_per_s": n / took, "images": n, "seconds": took, "workers": workers, "batch": batch,
             "crops": f"2 x {cfg.crops.global_size} + {cfg.crops.n_local} x {cfg.crops.local_size}",
-            "decode": getattr(cfg.data, "decode", "cpu")}
+            "crops_device": cfg.crops.device}
 
 
 def run_data(args: argparse.Namespace, tmp: Path, budget: Budget) -> dict[str, Any]:
-    from meddino.errors import UserError
-
     frames = tmp / "frames"
     n_frames = 8 if args.smoke else 128
     _frames(frames, n_frames, args.smoke)
@@ -267,19 +286,11 @@ def run_data(args: argparse.Namespace, tmp: Path, budget: Budget) -> dict[str, A
     batch = 4 if args.smoke else 64
     seconds = 1.0 if args.smoke else 20.0
     res: dict[str, Any] = {"frames": n_frames, "frame_size": "64 x 48" if args.smoke else "854 x 480 JPEG q90"}
-    for label, extra in (("cpu_decode", []), ("gpu_decode", ["data.decode=gpu"])):
-        if label == "gpu_decode":
-            from meddino.config import load_config
-            from meddino.pretrain.config import PretrainConfig
-
-            try:
-                load_config(PretrainConfig, recipe, [*extra, "data.path=.", "out=unused"], "pretrain")
-            except UserError as exc:
-                res[label] = {"unavailable": str(exc).splitlines()[0]}
-                continue
-            if not torch.cuda.is_available():
-                res[label] = {"skipped": "needs CUDA"}
-                continue
+    device_path = "crops.device=cpu" if args.smoke else "crops.device=cuda"  # smoke: the same code on CPU tensors
+    for label, extra in (("cpu_decode", []), ("gpu_decode", [device_path])):
+        if label == "gpu_decode" and not args.smoke and not torch.cuda.is_available():
+            res[label] = {"skipped": "needs CUDA"}
+            continue
         if not budget.fits(seconds + 15):
             res[label] = {"skipped": "data-loader time budget"}
             continue

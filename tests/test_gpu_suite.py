@@ -36,7 +36,8 @@ def test_smoke_run_prints_every_section():
         assert "skipped" in sec["pretrain"][f"{method}_vits_compiled"]
         assert "skipped" in sec["max_batch"][f"{method}_vits"]
     assert sec["data_loader"]["cpu_decode"]["images_per_s"] > 0
-    assert set(sec["data_loader"]["gpu_decode"]) & {"unavailable", "skipped"}
+    device_path = sec["data_loader"]["gpu_decode"]  # smoke: the device path's code on CPU tensors
+    assert device_path["crops_device"] == "cpu" and device_path["images_per_s"] > 0
     assert set(sec["seg_latency"]["heads"]) == {"linear", "unet", "eomt"}
     assert all(h["latency_ms_median"] > 0 for h in sec["seg_latency"]["heads"].values())
 
