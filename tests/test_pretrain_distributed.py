@@ -246,3 +246,33 @@ def test_fsdp2_sharded_checkpoints_survive_an_elastic_restart_bit_identically_an
     capsys.readouterr()
     assert main(["convert", str(folders[1]), str(tmp_path / "teacher")]) == 0
     assert (tmp_path / "teacher.safetensors").read_bytes() == (restarted / "teacher_backbone.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_of_two_ranks_resumes_on_three(tmp_path):
+    """DCP reshards on load: a checkpoint written by 2 FSDP2 ranks resumes on 3 (the elastic case of a
+    job coming back with more processes). The teacher it loads is exactly the one saved (its export at the
+    checkpoint, rewritten by the 3-rank run that ends there, is byte-identical), the AdamW state goes on
+    (step counts continue from the checkpoint's), and the RNG streams restart with a warning."""
+    from meddino.models.checkpoints.dcp import read_tensors
+
+    data = make_images(tmp_path / "imgs", n=24)
+    out = tmp_path / "run"
+    args = ["pretrain", "--config", "dinov2_tiny", f"data.path={data}", "train.checkpoint_every=2",
+            "data.batch_size=4", "train.fsdp=true", "method.koleo_weight=0", f"out={out}"]
+    res = _torchrun([*args, "train.iterations=4", "train.stop_at=2"], 2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = out / "checkpoints" / "checkpoint_00000002.dcp"
+    assert json.loads((saved / "meddino_checkpoint.json").read_text())["world_size"] == 2
+    export = (out / "checkpoints" / "teacher_backbone_00000002.safetensors").read_bytes()
+    res = _torchrun([*args, "train.iterations=2", "resume=auto"], 3)  # ends at the checkpoint: its teacher
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "RNG streams restart" in res.stderr
+    assert (out / "teacher_backbone.safetensors").read_bytes() == export
+    res = _torchrun([*args, "train.iterations=4", "resume=auto"], 3)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from {saved} at iteration 2" in res.stderr
+    last = out / "checkpoints" / "checkpoint_00000004.dcp"
+    assert json.loads((last / "meddino_checkpoint.json").read_text())["world_size"] == 3
+    steps = {k: v for k, v in read_tensors(last, "optimizer").items() if k.endswith(".step")}
+    assert steps and {float(v) for k, v in steps.items() if ".backbone." in k} == {4.0}
