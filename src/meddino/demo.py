@@ -56,8 +56,8 @@ Tracked = Callable[[str], "dict[str, object] | None"]
 
 # each of the six steps' share of the demo's time, measured (benchmarks/results/demo_steps_cpu.json); the
 # whole-demo ETA scales them by the time the steps done so far actually took on this machine
-FULL_SHARES = (0.006, 0.531, 0.001, 0.448, 0.005, 0.009)
-QUICK_SHARES = (0.148, 0.277, 0.003, 0.397, 0.063, 0.112)
+FULL_SHARES = (0.035, 0.614, 0.0004, 0.317, 0.009, 0.025)
+QUICK_SHARES = (0.171, 0.246, 0.003, 0.381, 0.080, 0.118)
 
 
 def demo_eta(elapsed: float, shares: tuple[float, ...], step: int, fraction: float) -> float | None:
