@@ -255,6 +255,16 @@ class Resumed:
     rng: dict[str, Any] | None  # this rank's RNG state; None when the number of processes changed
 
 
+def check_same_run_kind(saved: dict[str, Any], path: Path, version: str, sharded: bool) -> None:
+    """A checkpoint (its state, or a sharded folder's marker) resumes only a run of the same method
+    version and FSDP setting: one line naming what differs otherwise."""
+    if saved.get("version") != version:
+        raise CheckpointError(f"resume: {path} was written by a {saved.get('version')} run, not {version}")
+    if bool(saved.get("fsdp", False)) != sharded:
+        raise CheckpointError(f"resume: {path} was written with train.fsdp={saved.get('fsdp', False)}; "
+                              "resume with the same setting")
+
+
 def restore_training_state(
     path: Path,
     student: nn.Module,
@@ -269,11 +279,7 @@ def restore_training_state(
     """Load checkpoint ``path`` into student, teachers, centres and optimiser (refused in one line when
     it was written by another method version, FSDP setting or config)."""
     state = load_checkpoint(path)
-    if state.get("version") != version:
-        raise CheckpointError(f"resume: {path} was written by a {state.get('version')} run, not {version}")
-    if bool(state.get("fsdp", False)) != sharded:
-        raise CheckpointError(f"resume: {path} was written with train.fsdp={state.get('fsdp', False)}; "
-                              "resume with the same setting")
+    check_same_run_kind(state, path, version, sharded)
     try:
         load_full_state_dict(student, state["student"], sharded, f"resume {path} (student)")
         load_full_state_dict(objective.teacher, state["teacher"], sharded, f"resume {path} (teacher)")

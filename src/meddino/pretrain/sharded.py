@@ -48,7 +48,7 @@ from meddino.models.checkpoints.dcp import (
     failure_reason,
     safe_reader,
 )
-from meddino.pretrain.checkpoint import Resumed, latest_checkpoint, prune, rng_state
+from meddino.pretrain.checkpoint import Resumed, check_same_run_kind, latest_checkpoint, prune, rng_state
 from meddino.pretrain.distributed import all_gather_object, broadcast_object
 from meddino.runlog import atomic_path, write_json
 
@@ -188,11 +188,7 @@ def restore_sharded(
 
     path = Path(path)
     marker, metadata = check_sharded_checkpoint(path)
-    if marker.get("version") != version:
-        raise CheckpointError(f"resume: {path} was written by a {marker.get('version')} run, not {version}")
-    if bool(marker.get("fsdp", False)) != sharded:
-        raise CheckpointError(f"resume: {path} was written with train.fsdp={marker.get('fsdp', False)}; "
-                              "resume with the same setting")
+    check_same_run_kind(marker, path, version, sharded)
     state = _tensor_state(student, objective, optimizer)
     stepped = set(marker.get("optimizer_params", []))
     unknown = sorted(stepped - set(state["optimizer"]["state"]))
