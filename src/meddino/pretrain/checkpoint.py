@@ -312,9 +312,13 @@ def _load_sharded_optimizer(student: nn.Module, optimizer: torch.optim.Optimizer
     # freeze_last_layer) have no AdamW state yet, exactly as in the uninterrupted run
     set_optimizer_state_dict(student, optimizer, saved_state,
                              options=StateDictOptions(full_state_dict=True, strict=False))
-    # the loader first creates state for every parameter with a zero-lr step; drop it again
-    # where the checkpoint had none, or AdamW's step count (bias correction) would differ
-    saved = set(saved_state["state"].keys())
+    drop_unsaved_optimizer_state(student, optimizer, set(saved_state["state"].keys()))
+
+
+def drop_unsaved_optimizer_state(student: nn.Module, optimizer: torch.optim.Optimizer, saved: set[str]) -> None:
+    """After ``set_optimizer_state_dict``: its loader creates state for every parameter with a zero-lr
+    step; drop it again where the checkpoint had none (``saved``: the names that had), or AdamW's step
+    count (bias correction) would differ from the uninterrupted run's."""
     for name, p in student.named_parameters():
         if name not in saved:
             optimizer.state.pop(p, None)

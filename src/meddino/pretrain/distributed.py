@@ -169,6 +169,13 @@ def load_full_state_dict(
     canonical = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
     state = {k: v for k, v in state.items() if k in canonical}
     result = set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    refuse_load_mismatch(result, canonical, source)
+
+
+def refuse_load_mismatch(result: Any, canonical: set[str], source: str) -> None:
+    """One line when ``set_model_state_dict(strict=False)`` (``result``: its missing/unexpected keys) left
+    out a tensor of ``canonical`` (the names that must load; the shared head's alias names are not among
+    them) or met one the module does not have."""
     missing = [k for k in result.missing_keys if k in canonical]
     if missing or result.unexpected_keys:
         raise CheckpointError(

@@ -48,8 +48,15 @@ from meddino.models.checkpoints.dcp import (
     failure_reason,
     safe_reader,
 )
-from meddino.pretrain.checkpoint import Resumed, check_same_run_kind, latest_checkpoint, prune, rng_state
-from meddino.pretrain.distributed import all_gather_object, broadcast_object
+from meddino.pretrain.checkpoint import (
+    Resumed,
+    check_same_run_kind,
+    drop_unsaved_optimizer_state,
+    latest_checkpoint,
+    prune,
+    rng_state,
+)
+from meddino.pretrain.distributed import all_gather_object, broadcast_object, refuse_load_mismatch
 from meddino.runlog import atomic_path, write_json
 
 
@@ -223,19 +230,11 @@ def restore_sharded(
     with torch.no_grad():
         for name, module in modules:
             result = set_model_state_dict(module, state[name], options=StateDictOptions(strict=False))
-            canonical = set(state[name])
-            missing = [k for k in result.missing_keys if k in canonical]
-            if missing or result.unexpected_keys:
-                raise CheckpointError(f"resume: {path} ({name}) does not match the model (missing {missing[:2]}, "
-                                      f"unexpected {list(result.unexpected_keys)[:2]})")
+            refuse_load_mismatch(result, set(state[name]), f"resume: {path} ({name})")
     groups = get_optimizer_state_dict(student, optimizer)["param_groups"]
     set_optimizer_state_dict(student, optimizer, {"state": state["optimizer"]["state"], "param_groups": groups},
                              options=StateDictOptions(strict=False))
-    # the loader created state for every parameter with a zero-lr step; drop it where the checkpoint had
-    # none, or AdamW's step count (bias correction) would differ from the uninterrupted run
-    for name, p in student.named_parameters():
-        if name not in stepped:
-            optimizer.state.pop(p, None)
+    drop_unsaved_optimizer_state(student, optimizer, stepped)
     objective.center.copy_(small["center"])
     objective.ibot_center.copy_(small["ibot_center"])
     objective.gram_refreshes = int(marker.get("gram_refreshes", 0))
